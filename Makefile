@@ -1,0 +1,36 @@
+# Two commands set everything up from a fresh clone: `make train` and `make test`.
+# Each creates the virtual environment it needs (only Python 3.10+ and make required).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= dev,train
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma := ,
+# Arguments passed through to the training app, e.g. `make train ARGS="trainer.epochs=5"`.
+ARGS ?=
+
+.PHONY: venv test lint train explain bench bench-smoke clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "gpucnn needs Python >= 3.10; found " + sys.version.split()[0] + " (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
+	@touch $@
+
+lint: $(STAMP)
+	$(PY) -m ruff check gpucnn tests benchmarks
+
+test: lint
+	$(PY) -m pytest
+
+train: $(STAMP)
+	$(PY) -m gpucnn.train experiment=digits $(ARGS)
+
+explain: $(STAMP)
+	$(PY) -m gpucnn.explain
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

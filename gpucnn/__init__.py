@@ -1,0 +1,51 @@
+"""gpucnn: a convolutional neural network engine from first principles.
+
+The same conv / pool / backprop code runs on NumPy (CPU) and CuPy (GPU); only
+:mod:`gpucnn.backend` knows which.
+"""
+
+from gpucnn.backend import Backend, BackendUnavailableError, get_backend, to_host, to_scalar
+from gpucnn.layers import (
+    AvgPool2D,
+    Conv2D,
+    Dense,
+    Flatten,
+    L2Pool2D,
+    Logistic,
+    MaxPool2D,
+    Pool2D,
+    ReLU,
+    Tanh,
+)
+from gpucnn.losses import LogisticLogLikelihood, SoftmaxCrossEntropy
+from gpucnn.model import Sequential, load_checkpoint, save_checkpoint
+from gpucnn.optim import Adam, GradientAscent, Momentum, make_optimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adam",
+    "AvgPool2D",
+    "Backend",
+    "BackendUnavailableError",
+    "Conv2D",
+    "Dense",
+    "Flatten",
+    "GradientAscent",
+    "L2Pool2D",
+    "Logistic",
+    "LogisticLogLikelihood",
+    "MaxPool2D",
+    "Momentum",
+    "Pool2D",
+    "ReLU",
+    "Sequential",
+    "SoftmaxCrossEntropy",
+    "Tanh",
+    "get_backend",
+    "load_checkpoint",
+    "make_optimizer",
+    "save_checkpoint",
+    "to_host",
+    "to_scalar",
+]

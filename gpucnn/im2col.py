@@ -1,0 +1,101 @@
+"""Sliding-window primitives on the internal batch-innermost layout (part of the array layer).
+
+Notation (the same everywhere in gpucnn):
+    N   batch size              C   input channels       P   output channels (kernels)
+    H,W input height/width      KH,KW kernel size        SH,SW stride
+    OH,OW output height/width = (H - KH) // SH + 1, (W - KW) // SW + 1
+
+Internally images are stored (C, H, W, N): the batch is the innermost, contiguous axis,
+so every window slice ``x[:, i:i+SH*OH:SH, j:j+SW*OW:SW, :]`` copies runs of N
+contiguous numbers. This measured about 2x faster than NCHW for im2col on CPU. The
+public API converts NCHW at the model's edge (:func:`nchw_to_internal`).
+
+Both functions loop over the KH*KW kernel offsets only, never over batch items or
+output pixels. col2im accumulates with slice ``+=`` per offset rather than
+``np.add.at`` (about 12x slower).
+"""
+
+from __future__ import annotations
+
+from gpucnn import cuda_kernels
+from gpucnn.backend import Array, array_module
+
+
+def window_slices(
+    i: int, j: int, out_h: int, out_w: int, stride_h: int, stride_w: int
+) -> tuple[slice, slice, slice, slice]:
+    """Index of the (C, OH, OW, N) slab of an internal image touched by kernel offset (i, j)."""
+    return (
+        slice(None),
+        slice(i, i + stride_h * (out_h - 1) + 1, stride_h),
+        slice(j, j + stride_w * (out_w - 1) + 1, stride_w),
+        slice(None),
+    )
+
+
+def output_size(size: int, window: int, stride: int) -> int:
+    """Number of valid window positions: floor((size - window) / stride) + 1."""
+    return (size - window) // stride + 1
+
+
+def im2col(x: Array, kh: int, kw: int, sh: int, sw: int) -> Array:
+    """Unfold windows: (C, H, W, N) -> (C, KH, KW, OH, OW, N), a fresh contiguous array."""
+    xp = array_module(x)
+    c, h, w, n = x.shape
+    oh, ow = output_size(h, kh, sh), output_size(w, kw, sw)
+    if xp.__name__ == "cupy":
+        return cuda_kernels.im2col(x, kh, kw, sh, sw, oh, ow)
+    col = xp.empty((c, kh, kw, oh, ow, n), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            col[:, i, j] = x[window_slices(i, j, oh, ow, sh, sw)]
+    return col
+
+
+def col2im(col: Array, h: int, w: int, sh: int, sw: int) -> Array:
+    """Fold windows back, summing overlaps: (C, KH, KW, OH, OW, N) -> (C, H, W, N).
+
+    The adjoint of :func:`im2col`: pixels not covered by any window get zero.
+    """
+    xp = array_module(col)
+    c, kh, kw, oh, ow, n = col.shape
+    if xp.__name__ == "cupy":
+        return cuda_kernels.col2im(col, h, w, sh, sw)
+    img = xp.zeros((c, h, w, n), dtype=col.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            img[window_slices(i, j, oh, ow, sh, sw)] += col[:, i, j]
+    return img
+
+
+def pad_internal(x: Array, pads: tuple[int, int, int, int]) -> Array:
+    """Zero-pad the spatial axes of a (C, H, W, N) array by (top, bottom, left, right)."""
+    top, bottom, left, right = pads
+    if not any(pads):
+        return x
+    xp = array_module(x)
+    c, h, w, n = x.shape
+    out = xp.zeros((c, h + top + bottom, w + left + right, n), dtype=x.dtype)
+    out[:, top : top + h, left : left + w, :] = x
+    return out
+
+
+def unpad_internal(x: Array, pads: tuple[int, int, int, int]) -> Array:
+    """Inverse of :func:`pad_internal`: drop the padded border."""
+    top, bottom, left, right = pads
+    if not any(pads):
+        return x
+    _, h, w, _ = x.shape
+    return x[:, top : h - bottom, left : w - right, :]
+
+
+def nchw_to_internal(x: Array) -> Array:
+    """Public (N, C, H, W) -> internal (C, H, W, N), contiguous."""
+    xp = array_module(x)
+    return xp.ascontiguousarray(x.transpose(1, 2, 3, 0))
+
+
+def internal_to_nchw(x: Array) -> Array:
+    """Internal (C, H, W, N) -> public (N, C, H, W), contiguous."""
+    xp = array_module(x)
+    return xp.ascontiguousarray(x.transpose(3, 0, 1, 2))

@@ -1,0 +1,146 @@
+"""Output heads: an activation and its objective, fused so both stay numerically stable.
+
+Sign convention. The lecture *maximises* the log-likelihood J with gradient ascent.
+gpucnn computes the loss L = -J / N (the mean negative log-likelihood over the batch)
+and its gradients; ascent on J is descent on L, step for step (see docs/lecture.md).
+For one sample, -dL/dtheta is the lecture's dJ/dtheta exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpucnn.backend import Array, array_module
+
+
+def softplus(z: Array) -> Array:
+    """log(1 + exp(z)) without overflow: max(z, 0) + log1p(exp(-|z|))."""
+    xp = array_module(z)
+    return xp.maximum(z, 0) + xp.log1p(xp.exp(-xp.abs(z)))
+
+
+def logistic(z: Array) -> Array:
+    """1 / (1 + exp(-z)) without overflow."""
+    xp = array_module(z)
+    return 0.5 * (1.0 + xp.tanh(0.5 * z))
+
+
+class Head:
+    """A loss at the end of a network: ``forward(net, y)`` -> mean loss, ``backward()``."""
+
+    kind = "head"
+
+    def check_outputs(self, out_shape: tuple[int, ...]) -> None:
+        """Raise if the network's output shape cannot feed this head."""
+
+    def forward(self, net: Array, labels: Array) -> Array:
+        raise NotImplementedError
+
+    def backward(self) -> Array:
+        raise NotImplementedError
+
+    def predict_proba(self, net: Array) -> Array:
+        raise NotImplementedError
+
+    def predict(self, net: Array) -> Array:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        return {"type": self.kind}
+
+
+class LogisticLogLikelihood(Head):
+    """One logistic neuron, y_hat = g(net), with the Bernoulli log-likelihood
+    J = y log y_hat + (1 - y) log(1 - y_hat).
+
+    The loss per sample is -J = softplus(net) - y * net, which is finite for any net
+    (net = 18525 and y = 0 give 18525, where the textbook formula gives log(0)), and
+    dL/dnet = y_hat - y. Labels are 0/1 floats of shape (N,).
+    """
+
+    kind = "logistic"
+
+    def check_outputs(self, out_shape: tuple[int, ...]) -> None:
+        if tuple(out_shape) != (1,):
+            raise ValueError(
+                f"the logistic head needs exactly one output per sample, got {tuple(out_shape)}"
+            )
+
+    def forward(self, net: Array, labels: Array) -> Array:
+        net = net.reshape(-1)
+        labels = labels.reshape(-1)
+        if labels.shape != net.shape:
+            raise ValueError(f"labels have shape {labels.shape}, expected ({net.shape[0]},)")
+        self._cache = (net, labels)
+        return (softplus(net) - labels * net).mean()
+
+    def backward(self) -> Array:
+        net, labels = self._cache
+        return ((logistic(net) - labels) * (1.0 / net.shape[0])).reshape(-1, 1)
+
+    def predict_proba(self, net: Array) -> Array:
+        """P(class 1) per sample, shape (N,)."""
+        return logistic(net.reshape(-1))
+
+    def predict(self, net: Array) -> Array:
+        return (net.reshape(-1) > 0).astype("int64")
+
+
+class SoftmaxCrossEntropy(Head):
+    """Softmax over K outputs with the categorical log-likelihood (cross-entropy).
+
+    Computed through log-softmax (logits shifted by their maximum), so any finite
+    logits give a finite loss. dL/dlogits = (softmax - one_hot) / N. Labels are integer
+    class indices of shape (N,).
+    """
+
+    kind = "softmax"
+
+    def check_outputs(self, out_shape: tuple[int, ...]) -> None:
+        if len(out_shape) != 1 or out_shape[0] < 2:
+            raise ValueError(
+                f"the softmax head needs a flat output of >= 2 classes, got {tuple(out_shape)}"
+            )
+
+    @staticmethod
+    def _log_softmax(logits: Array) -> Array:
+        xp = array_module(logits)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+
+    def forward(self, net: Array, labels: Array) -> Array:
+        xp = array_module(net, labels)
+        labels = labels.reshape(-1)
+        if labels.shape[0] != net.shape[0]:
+            raise ValueError(f"labels have shape {labels.shape}, expected ({net.shape[0]},)")
+        if labels.dtype.kind not in "iu":
+            labels = labels.astype("int64")
+        log_p = self._log_softmax(net)
+        rows = xp.arange(net.shape[0])
+        self._cache = (log_p, labels, rows)
+        return -log_p[rows, labels].mean()
+
+    def backward(self) -> Array:
+        xp = array_module(self._cache[0])
+        log_p, labels, rows = self._cache
+        grad = xp.exp(log_p)
+        grad[rows, labels] -= 1.0
+        return grad * (1.0 / log_p.shape[0])
+
+    def predict_proba(self, net: Array) -> Array:
+        return array_module(net).exp(self._log_softmax(net))
+
+    def predict(self, net: Array) -> Array:
+        return net.argmax(axis=1)
+
+
+HEAD_TYPES: dict[str, type[Head]] = {
+    cls.kind: cls for cls in (LogisticLogLikelihood, SoftmaxCrossEntropy)
+}
+
+
+def head_from_config(config: dict[str, Any] | str) -> Head:
+    kind = config if isinstance(config, str) else config.get("type")
+    if kind not in HEAD_TYPES:
+        raise ValueError(f"head {kind!r} is not known; allowed: {', '.join(HEAD_TYPES)}")
+    return HEAD_TYPES[kind]()

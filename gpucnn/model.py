@@ -1,0 +1,299 @@
+"""Sequential model: a stack of layers, an output head, L2 regularisation and checkpoints.
+
+Typical use::
+
+    model = Sequential(
+        [Conv2D(8, 5), ReLU(), MaxPool2D(2), Flatten(), Dense(10)],
+        head=SoftmaxCrossEntropy(), input_shape=(1, 28, 28), backend="auto", seed=0,
+    )
+    loss = model.loss(x, y)      # forward; a 0-d array on the model's backend
+    model.backward()             # fills model.grads
+    optimizer.step(model.params, model.grads)
+
+Images enter as NCHW and are turned into the internal (C, H, W, N) layout once;
+parameters and gradients are addressed by name, e.g. ``"conv1.weight"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gpucnn.backend import (
+    Array,
+    Backend,
+    get_backend,
+    host_module,
+    resolve_dtype,
+    to_host,
+)
+from gpucnn.im2col import nchw_to_internal
+from gpucnn.layers import Layer, layer_from_config
+from gpucnn.losses import Head, head_from_config
+from gpucnn.optim import Optimizer, make_optimizer
+
+CHECKPOINT_FORMAT = "gpucnn-checkpoint-v1"
+
+
+class Sequential:
+    """Layers applied in order, then ``head``.
+
+    Args:
+        layers: image layers first (Conv2D, Pool2D, activations), then Flatten, then
+            vector layers (Dense, activations).
+        head: LogisticLogLikelihood (binary) or SoftmaxCrossEntropy (multi-class).
+        input_shape: one sample's shape, (C, H, W) for images or (D,) for vectors.
+        backend: 'auto' | 'numpy' | 'cupy' or a Backend.
+        dtype: 'float32' (training) or 'float64' (gradient checks).
+        seed: seeds He/Glorot initialisation; the same seed gives the same weights on
+            every backend.
+        l2: lambda of the L2 penalty (lambda / 2) * sum ||W||^2 over weights (not biases),
+            added to the loss.
+    """
+
+    def __init__(
+        self,
+        layers: list[Layer],
+        head: Head,
+        input_shape: tuple[int, ...],
+        backend: str | Backend = "numpy",
+        dtype: str = "float32",
+        seed: int = 0,
+        l2: float = 0.0,
+    ) -> None:
+        if not layers:
+            raise ValueError("a model needs at least one layer")
+        if isinstance(l2, bool) or not isinstance(l2, (int, float)) or l2 < 0:
+            raise ValueError(f"l2 must be a number >= 0, got {l2!r}")
+        shape = tuple(input_shape)
+        if len(shape) not in (1, 3) or not all(isinstance(s, int) and s > 0 for s in shape):
+            raise ValueError(
+                f"input_shape must be (C, H, W) or (D,) of positive ints, got {input_shape!r}"
+            )
+        self.backend = get_backend(backend)
+        self.dtype = resolve_dtype(dtype)
+        self.seed = int(seed)
+        self.l2 = float(l2)
+        self.input_shape = shape
+        self.layers = list(layers)
+        self.head = head
+        self._name_layers()
+        rng = self.backend.random(self.seed)
+        for layer in self.layers:
+            shape = layer.build(shape, self.backend, rng, self.dtype)
+        self.output_shape = shape
+        head.check_outputs(shape)
+        self.grads: dict[str, Array] = {}
+        self._loss_ready = False
+
+    def _name_layers(self) -> None:
+        counts: dict[str, int] = {}
+        taken = {layer.name for layer in self.layers if layer.name}
+        for layer in self.layers:
+            if layer.name is None:
+                counts[layer.kind] = counts.get(layer.kind, 0) + 1
+                name = f"{layer.kind}{counts[layer.kind]}"
+                while name in taken:
+                    counts[layer.kind] += 1
+                    name = f"{layer.kind}{counts[layer.kind]}"
+                layer.name = name
+                taken.add(name)
+        names = [layer.name for layer in self.layers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"layer names must be unique, got {names}")
+
+    # -- parameters ------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, Array]:
+        """Live parameter arrays by name ("layer.param"); optimizers update them in place."""
+        return {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.params.items()}
+
+    def decayed_params(self) -> list[str]:
+        """Names of the parameters under L2 regularisation (weights, never biases)."""
+        return [f"{layer.name}.{k}" for layer in self.layers for k in layer.decayed]
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r}; layers: {[layer.name for layer in self.layers]}")
+
+    def set_params(self, values: dict[str, Any]) -> None:
+        """Overwrite parameters by name (host or device arrays), checking shapes."""
+        for key, value in values.items():
+            layer_name, _, param = key.rpartition(".")
+            if not layer_name:
+                raise KeyError(f"parameter names look like 'conv1.weight', got {key!r}")
+            self.layer(layer_name).set_param(param, self.backend.asarray(value, self.dtype))
+
+    def num_params(self) -> int:
+        return sum(int(v.size) for v in self.params.values())
+
+    # -- computation -----------------------------------------------------------------
+    def _prepare_input(self, x: Any) -> Array:
+        x = self.backend.asarray(x, self.dtype)
+        if tuple(x.shape[1:]) != self.input_shape or x.ndim != len(self.input_shape) + 1:
+            raise ValueError(
+                f"input has shape {tuple(x.shape)}; this model takes (N, "
+                f"{', '.join(map(str, self.input_shape))})"
+                + (" (NCHW)" if len(self.input_shape) == 3 else "")
+            )
+        return nchw_to_internal(x) if x.ndim == 4 else x
+
+    def forward(self, x: Any) -> Array:
+        """The head's input (logits / net) for a batch, shape (N,) + output_shape."""
+        h = self._prepare_input(x)
+        for layer in self.layers:
+            h = layer._forward(h)
+        return h
+
+    def loss(self, x: Any, labels: Any) -> Array:
+        """Mean loss over the batch (plus the L2 penalty), as a 0-d backend array.
+
+        Left on the device so a training step never waits for the host; read it with
+        :func:`gpucnn.backend.to_scalar` when you want the number.
+        """
+        net = self.forward(x)
+        labels = self.backend.asarray(labels)
+        value = self.head.forward(net, labels)
+        if self.l2:
+            params = self.params
+            penalty = sum((params[k] * params[k]).sum() for k in self.decayed_params())
+            value = value + (0.5 * self.l2) * penalty
+        self._loss_ready = True
+        return value
+
+    def backward(self) -> dict[str, Array]:
+        """Backpropagate the last :meth:`loss`; fills and returns ``grads`` by name."""
+        if not self._loss_ready:
+            raise RuntimeError("call loss(x, labels) before backward()")
+        grad = self.head.backward()
+        for index in range(len(self.layers) - 1, -1, -1):
+            # The first layer's input gradient is never used: skip its col2im.
+            grad = self.layers[index]._backward(grad, need_input_grad=index > 0)
+        grads = {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.grads.items()}
+        if self.l2:
+            params = self.params
+            for key in self.decayed_params():
+                grads[key] = grads[key] + self.l2 * params[key]
+        self.grads = grads
+        self._loss_ready = False
+        return grads
+
+    def predict_proba(self, x: Any) -> Array:
+        return self.head.predict_proba(self.forward(x))
+
+    def predict(self, x: Any) -> Array:
+        """Predicted class per sample (0/1 for the logistic head)."""
+        return self.head.predict(self.forward(x))
+
+    # -- moving and saving -------------------------------------------------------------
+    def to(self, backend: str | Backend) -> Sequential:
+        """Move all parameters to ``backend`` in place; returns self."""
+        self.backend = get_backend(backend)
+        for layer in self.layers:
+            for key, value in layer.params.items():
+                layer.params[key] = self.backend.asarray(to_host(value), self.dtype)
+            layer.grads = {}
+        self.grads = {}
+        return self
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "input_shape": list(self.input_shape),
+            "layers": [layer.config() for layer in self.layers],
+            "head": self.head.config(),
+            "dtype": self.dtype.name,
+            "seed": self.seed,
+            "l2": self.l2,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], backend: str | Backend = "numpy") -> Sequential:
+        return cls(
+            [layer_from_config(c) for c in config["layers"]],
+            head_from_config(config["head"]),
+            tuple(config["input_shape"]),
+            backend=backend,
+            dtype=config.get("dtype", "float32"),
+            seed=config.get("seed", 0),
+            l2=config.get("l2", 0.0),
+        )
+
+    def save(self, path: str | os.PathLike, optimizer: Optimizer | None = None) -> Path:
+        return save_checkpoint(path, self, optimizer)
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: Sequential, optimizer: Optimizer | None = None
+) -> Path:
+    """Write a plain ``.npz``: architecture as JSON text, host copies of all arrays.
+
+    Written to a temporary file and renamed, so an existing checkpoint is never left
+    half-written. Loads without pickle, on any backend.
+    """
+    np = host_module()
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+    arrays: dict[str, Any] = {
+        "format": np.array(CHECKPOINT_FORMAT),
+        "architecture": np.array(json.dumps(model.config())),
+    }
+    for key, value in model.params.items():
+        arrays[f"param/{key}"] = to_host(value)
+    if optimizer is not None:
+        arrays["optimizer"] = np.array(json.dumps(optimizer.config()))
+        arrays["optimizer_steps"] = np.array(optimizer.steps)
+        for key, value in optimizer.state_dict().items():
+            arrays[f"optim/{key}"] = to_host(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike, backend: str | Backend = "numpy"
+) -> tuple[Sequential, Optimizer | None]:
+    """Rebuild the model (and optimizer, if saved) from :func:`save_checkpoint` output."""
+    np = host_module()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            contents = {key: data[key] for key in data.files}
+    except Exception as err:
+        raise ValueError(f"checkpoint {str(path)!r} is not a readable .npz file: {err}") from err
+    if str(contents.get("format", "")) != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a gpucnn checkpoint ({CHECKPOINT_FORMAT})")
+    model = Sequential.from_config(json.loads(str(contents["architecture"])), backend)
+    expected = set(model.params)
+    stored = {k[len("param/") :] for k in contents if k.startswith("param/")}
+    if stored != expected:
+        raise ValueError(
+            f"checkpoint {str(path)!r} parameters {sorted(stored)} do not match its "
+            f"architecture {sorted(expected)}"
+        )
+    model.set_params({key: contents[f"param/{key}"] for key in expected})
+    optimizer = None
+    if "optimizer" in contents:
+        options = json.loads(str(contents["optimizer"]))
+        optimizer = make_optimizer(options.pop("type"), **options)
+        state = {
+            k[len("optim/") :]: model.backend.asarray(v)
+            for k, v in contents.items()
+            if k.startswith("optim/")
+        }
+        optimizer.load_state_dict(state, int(contents["optimizer_steps"]))
+    return model, optimizer

@@ -1,0 +1,146 @@
+"""Optimizers: update parameters in place from the gradients of the loss L = -J/N.
+
+``GradientAscent`` is the lecture's rule theta <- theta + eta dJ/dtheta. Because gpucnn's
+gradients are of L = -J/N, the same step reads theta <- theta - eta dL/dtheta: ascent on
+the objective and descent on the loss are one update.
+
+State (momentum buffers, Adam moments, step count) is exposed by name so checkpoints can
+save and restore it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gpucnn.backend import Array, array_module
+
+
+def _positive(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{what} must be a number > 0, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return float(value)
+
+
+def _fraction(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+class Optimizer:
+    kind = "optimizer"
+
+    def __init__(self, lr: float) -> None:
+        self.lr = _positive(lr, "learning rate (lr)")
+        self.steps = 0
+        self.state: dict[str, dict[str, Array]] = {}
+
+    def step(self, params: dict[str, Array], grads: dict[str, Array]) -> None:
+        """Update every parameter in ``params`` in place from ``grads`` (same names)."""
+        missing = [k for k in params if k not in grads]
+        if missing:
+            raise KeyError(f"no gradient for parameters {missing}; run backward() first")
+        self.steps += 1
+        for name, param in params.items():
+            self._update(name, param, grads[name])
+
+    def _update(self, name: str, param: Array, grad: Array) -> None:
+        raise NotImplementedError
+
+    def _buffer(self, slot: str, name: str, like: Array) -> Array:
+        buffers = self.state.setdefault(slot, {})
+        if name not in buffers:
+            buffers[name] = array_module(like).zeros_like(like)
+        return buffers[name]
+
+    def config(self) -> dict[str, Any]:
+        return {"type": self.kind, "lr": self.lr}
+
+    def state_dict(self) -> dict[str, Array]:
+        """Flat name -> array map ("slot/param"), plus the step count as a 0-d entry."""
+        flat = {
+            f"{slot}/{name}": arr for slot, bufs in self.state.items() for name, arr in bufs.items()
+        }
+        return flat
+
+    def load_state_dict(self, flat: dict[str, Array], steps: int) -> None:
+        self.steps = int(steps)
+        self.state = {}
+        for key, arr in flat.items():
+            slot, name = key.split("/", 1)
+            self.state.setdefault(slot, {})[name] = arr
+
+
+class GradientAscent(Optimizer):
+    """The lecture's gradient ascent on J: theta <- theta + lr * dJ/dtheta."""
+
+    kind = "ascent"
+
+    def _update(self, name: str, param: Array, grad: Array) -> None:
+        param -= self.lr * grad  # dJ/dtheta = -dL/dtheta
+
+
+class Momentum(Optimizer):
+    """Heavy-ball momentum: v <- mu v - lr dL/dtheta; theta <- theta + v."""
+
+    kind = "momentum"
+
+    def __init__(self, lr: float, momentum: float = 0.9) -> None:
+        super().__init__(lr)
+        self.momentum = _fraction(momentum, "momentum")
+
+    def _update(self, name: str, param: Array, grad: Array) -> None:
+        velocity = self._buffer("velocity", name, param)
+        velocity *= self.momentum
+        velocity -= self.lr * grad
+        param += velocity
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "momentum": self.momentum}
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba, 2015) with bias-corrected first and second moments."""
+
+    kind = "adam"
+
+    def __init__(
+        self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8
+    ) -> None:
+        super().__init__(lr)
+        self.beta1 = _fraction(beta1, "beta1")
+        self.beta2 = _fraction(beta2, "beta2")
+        self.eps = _positive(eps, "eps")
+
+    def _update(self, name: str, param: Array, grad: Array) -> None:
+        xp = array_module(param, grad)
+        m = self._buffer("m", name, param)
+        v = self._buffer("v", name, param)
+        m *= self.beta1
+        m += (1.0 - self.beta1) * grad
+        v *= self.beta2
+        v += (1.0 - self.beta2) * (grad * grad)
+        # Bias corrections folded into the step size and epsilon (Python floats: no
+        # dtype promotion of float32 parameters).
+        correction1 = 1.0 - self.beta1**self.steps
+        correction2 = 1.0 - self.beta2**self.steps
+        step = self.lr * math.sqrt(correction2) / correction1
+        param -= step * m / (xp.sqrt(v) + self.eps * math.sqrt(correction2))
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
+
+
+OPTIMIZER_TYPES: dict[str, type[Optimizer]] = {
+    cls.kind: cls for cls in (GradientAscent, Momentum, Adam)
+}
+
+
+def make_optimizer(kind: str, **options: Any) -> Optimizer:
+    """Build an optimizer by name ('ascent', 'momentum', 'adam')."""
+    if kind not in OPTIMIZER_TYPES:
+        raise ValueError(f"optimizer {kind!r} is not known; allowed: {', '.join(OPTIMIZER_TYPES)}")
+    return OPTIMIZER_TYPES[kind](**options)

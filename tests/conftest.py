@@ -1,0 +1,31 @@
+"""Shared fixtures: every backend-parametrised test runs on NumPy, and on CuPy when a
+CUDA device answers (otherwise it is skipped with the reason)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpucnn.backend import cupy_status, get_backend
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def backend(request):
+    if request.param == "cupy":
+        cupy, reason = cupy_status()
+        if cupy is None:
+            pytest.skip(f"CuPy backend not available: {reason.split(' (')[0]}")
+    return get_backend(request.param)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def tie_free(shape, rng, low=-1.0, high=1.0):
+    """Distinct values (a shuffled linspace plus small jitter): max-pool has no ties."""
+    size = int(np.prod(shape))
+    values = np.linspace(low, high, size)
+    values += rng.uniform(-0.1, 0.1, size) * (high - low) / size
+    return rng.permutation(values).reshape(shape)

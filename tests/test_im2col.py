@@ -1,0 +1,56 @@
+"""im2col / col2im against explicit loops, and col2im as the exact adjoint of im2col."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from gpucnn.backend import to_host
+from gpucnn.im2col import col2im, im2col, internal_to_nchw, nchw_to_internal
+
+CASES = [
+    ((2, 5, 6, 3), 3, 2, 1, 1),
+    ((1, 7, 7, 2), 3, 3, 2, 2),
+    ((3, 6, 5, 4), 2, 3, 1, 2),
+    ((2, 8, 8, 1), 4, 4, 4, 4),
+    ((1, 5, 5, 2), 5, 5, 1, 1),
+]
+
+
+def loop_im2col(x, kh, kw, sh, sw):
+    c, h, w, n = x.shape
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    col = np.zeros((c, kh, kw, oh, ow, n))
+    for ci, i, j, a, b, ni in itertools.product(*map(range, (c, kh, kw, oh, ow, n))):
+        col[ci, i, j, a, b, ni] = x[ci, a * sh + i, b * sw + j, ni]
+    return col
+
+
+def loop_col2im(col, h, w, sh, sw):
+    c, kh, kw, oh, ow, n = col.shape
+    img = np.zeros((c, h, w, n))
+    for ci, i, j, a, b, ni in itertools.product(*map(range, (c, kh, kw, oh, ow, n))):
+        img[ci, a * sh + i, b * sw + j, ni] += col[ci, i, j, a, b, ni]
+    return img
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_im2col_col2im_match_loops(case, backend, rng):
+    shape, kh, kw, sh, sw = case
+    x = rng.standard_normal(shape)
+    col = im2col(backend.asarray(x), kh, kw, sh, sw)
+    np.testing.assert_array_equal(to_host(col), loop_im2col(x, kh, kw, sh, sw))
+    g = rng.standard_normal(col.shape)
+    img = col2im(backend.asarray(g), shape[1], shape[2], sh, sw)
+    np.testing.assert_allclose(to_host(img), loop_col2im(g, shape[1], shape[2], sh, sw), rtol=1e-12)
+    # Adjoint: <im2col(x), g> == <x, col2im(g)>
+    assert np.vdot(to_host(col), g) == pytest.approx(np.vdot(x, to_host(img)), rel=1e-12)
+
+
+def test_layout_round_trip(backend, rng):
+    x = rng.standard_normal((4, 3, 5, 6))
+    internal = nchw_to_internal(backend.asarray(x))
+    assert internal.shape == (3, 5, 6, 4) and internal.flags.c_contiguous
+    np.testing.assert_array_equal(to_host(internal_to_nchw(internal)), x)

@@ -1,0 +1,313 @@
+"""Whole networks: float64 gradient checks of composite nets, L2, initialisation,
+parameters by name, and checkpoint round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpucnn import (
+    Adam,
+    Conv2D,
+    Dense,
+    Flatten,
+    GradientAscent,
+    L2Pool2D,
+    LogisticLogLikelihood,
+    MaxPool2D,
+    Momentum,
+    ReLU,
+    Sequential,
+    SoftmaxCrossEntropy,
+    Tanh,
+    load_checkpoint,
+)
+from gpucnn.backend import get_backend, to_host
+from gpucnn.layers import AvgPool2D, Logistic
+from tests.gradcheck import assert_close, numerical_gradient
+
+
+def check_model_gradients(model, x, labels):
+    loss_value = model.loss(x, labels)
+    assert np.isfinite(to_host(loss_value))
+    analytic = {k: to_host(v).copy() for k, v in model.backward().items()}
+    assert set(analytic) == set(model.params)
+
+    def objective():
+        return float(to_host(model.loss(x, labels)))
+
+    for key, value in model.params.items():
+        assert_close(
+            analytic[key], numerical_gradient(objective, value), rtol=1e-5, atol=1e-8, what=key
+        )
+
+
+COMPOSITES = {
+    "several_kernels_logistic_l2": dict(
+        layers=lambda: [Conv2D(3, 3), MaxPool2D(2), Flatten(), Dense(1)],
+        head=LogisticLogLikelihood,
+        input_shape=(1, 6, 6),
+        l2=0.1,
+        classes=2,
+    ),
+    "colour_l2pool_rowmajor_softmax": dict(
+        layers=lambda: [Conv2D(2, 3, bias=True), L2Pool2D(2), Flatten("C"), Dense(3)],
+        head=SoftmaxCrossEntropy,
+        input_shape=(3, 6, 7),
+        l2=0.0,
+        classes=3,
+    ),
+    "stacked_conv_stride_padding": dict(
+        layers=lambda: [
+            Conv2D(3, 3, stride=1, padding="same"),
+            Tanh(),
+            Conv2D(2, 3, stride=2, padding=1, mode="cross_correlation"),
+            ReLU(),
+            MaxPool2D(2, 1),
+            Flatten(),
+            Dense(4),
+            Logistic(),
+            Dense(3),
+        ],
+        head=SoftmaxCrossEntropy,
+        input_shape=(2, 7, 7),
+        l2=0.05,
+        classes=3,
+    ),
+    "stacked_conv_avgpool_logistic": dict(
+        layers=lambda: [
+            Conv2D(2, 2),
+            ReLU(),
+            Conv2D(2, 2),
+            AvgPool2D(2),
+            Flatten(),
+            Dense(1, bias=False),
+        ],
+        head=LogisticLogLikelihood,
+        input_shape=(1, 6, 6),
+        l2=0.01,
+        classes=2,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPOSITES))
+def test_composite_gradients(name, backend, rng):
+    spec = COMPOSITES[name]
+    model = Sequential(
+        spec["layers"](),
+        spec["head"](),
+        spec["input_shape"],
+        backend=backend,
+        dtype="float64",
+        seed=3,
+        l2=spec["l2"],
+    )
+    x = rng.standard_normal((4, *spec["input_shape"]))
+    labels = rng.integers(0, spec["classes"], size=4)
+    if spec["head"] is LogisticLogLikelihood:
+        labels = labels.astype(float)
+    check_model_gradients(model, x, labels)
+
+
+def test_l2_penalty_is_on_weights_not_biases(rng):
+    def build(l2):
+        return Sequential(
+            [Conv2D(2, 3), Flatten(), Dense(1)],
+            LogisticLogLikelihood(),
+            (1, 4, 4),
+            dtype="float64",
+            seed=0,
+            l2=l2,
+        )
+
+    plain, regularised = build(0.0), build(0.5)
+    regularised.set_params({"conv1.bias": [1.0, -2.0], "dense1.bias": [3.0]})
+    plain.set_params({"conv1.bias": [1.0, -2.0], "dense1.bias": [3.0]})
+    x, y = rng.standard_normal((3, 1, 4, 4)), np.array([0.0, 1.0, 1.0])
+    weights = [plain.params[k] for k in ("conv1.weight", "dense1.weight")]
+    penalty = 0.25 * sum(float((w**2).sum()) for w in weights)
+    assert float(regularised.loss(x, y)) == pytest.approx(float(plain.loss(x, y)) + penalty)
+    g_reg, g_plain = regularised.backward(), plain.backward()
+    for key in ("conv1.bias", "dense1.bias"):
+        np.testing.assert_allclose(g_reg[key], g_plain[key])
+    for key in ("conv1.weight", "dense1.weight"):
+        np.testing.assert_allclose(g_reg[key], g_plain[key] + 0.5 * plain.params[key])
+    assert regularised.decayed_params() == ["conv1.weight", "dense1.weight"]
+
+
+def test_named_params_and_seeded_init():
+    def build(seed):
+        return Sequential(
+            [Conv2D(4, 3, init="he"), ReLU(), Conv2D(2, 3, init="glorot"), Flatten(), Dense(10)],
+            SoftmaxCrossEntropy(),
+            (1, 16, 16),
+            seed=seed,
+        )
+
+    a, b, c = build(7), build(7), build(8)
+    assert list(a.params) == [
+        "conv1.weight",
+        "conv1.bias",
+        "conv2.weight",
+        "conv2.bias",
+        "dense1.weight",
+        "dense1.bias",
+    ]
+    for key in a.params:
+        np.testing.assert_array_equal(a.params[key], b.params[key])
+    assert not np.array_equal(a.params["conv1.weight"], c.params["conv1.weight"])
+    assert a.params["conv1.weight"].dtype == np.float32
+    # He: std sqrt(2 / fan_in); Glorot: uniform within sqrt(6 / (fan_in + fan_out)).
+    he = Sequential(
+        [Conv2D(64, 5, init="he"), Flatten(), Dense(2)], SoftmaxCrossEntropy(), (8, 5, 5), seed=0
+    ).params["conv1.weight"]
+    assert he.std() == pytest.approx(np.sqrt(2 / (8 * 25)), rel=0.03)
+    assert abs(float(he.mean())) < 0.01
+    glorot = c.params["conv2.weight"]
+    assert np.abs(glorot).max() <= np.sqrt(6 / (4 * 9 + 2 * 9))
+    assert np.all(a.params["conv1.bias"] == 0)
+
+
+def test_same_seed_same_weights_on_every_backend(backend):
+    layers = lambda: [Conv2D(3, 3), MaxPool2D(2), Flatten(), Dense(2)]  # noqa: E731
+    cpu = Sequential(layers(), SoftmaxCrossEntropy(), (1, 8, 8), backend="numpy", seed=5)
+    other = Sequential(layers(), SoftmaxCrossEntropy(), (1, 8, 8), backend=backend, seed=5)
+    for key in cpu.params:
+        np.testing.assert_array_equal(to_host(other.params[key]), cpu.params[key])
+
+
+def test_float32_stays_float32(backend, rng):
+    model = Sequential(
+        [Conv2D(2, 3), ReLU(), L2Pool2D(2), Flatten(), Dense(3)],
+        SoftmaxCrossEntropy(),
+        (1, 8, 8),
+        backend=backend,
+        l2=0.1,
+    )
+    x = rng.standard_normal((5, 1, 8, 8))  # float64 on the host: cast once on entry
+    loss = model.loss(x, rng.integers(0, 3, 5))
+    assert loss.dtype == np.float32
+    grads = model.backward()
+    assert all(g.dtype == np.float32 for g in grads.values())
+    for opt in (GradientAscent(0.1), Momentum(0.1), Adam(0.01)):
+        opt.step(model.params, grads)
+        assert all(p.dtype == np.float32 for p in model.params.values())
+
+
+@pytest.mark.parametrize("optimizer_cls", [GradientAscent, Momentum, Adam])
+def test_checkpoint_round_trip(optimizer_cls, tmp_path, backend, rng):
+    model = Sequential(
+        [Conv2D(2, 3, padding="same"), ReLU(), MaxPool2D(2), Flatten("C"), Dense(3)],
+        SoftmaxCrossEntropy(),
+        (2, 6, 6),
+        backend=backend,
+        seed=2,
+        l2=0.01,
+    )
+    optimizer = optimizer_cls(0.05)
+    x, y = rng.standard_normal((4, 2, 6, 6)), rng.integers(0, 3, 4)
+    for _ in range(3):
+        model.loss(x, y)
+        optimizer.step(model.params, model.backward())
+    path = model.save(tmp_path / "model.npz", optimizer)
+    # The archive holds no pickled objects.
+    with np.load(path, allow_pickle=False) as data:
+        assert all(data[k].dtype != object for k in data.files)
+    restored, restored_opt = load_checkpoint(path, backend="numpy")  # always loads on the CPU
+    assert restored.config() == model.config()
+    for key in model.params:
+        np.testing.assert_array_equal(restored.params[key], to_host(model.params[key]))
+    assert restored_opt.config() == optimizer.config() and restored_opt.steps == 3
+    # Continuing training from the checkpoint matches continuing the original.
+    model.loss(x, y)
+    optimizer.step(model.params, model.backward())
+    restored.loss(x, y)
+    restored_opt.step(restored.params, restored.backward())
+    for key in model.params:
+        np.testing.assert_allclose(
+            restored.params[key], to_host(model.params[key]), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="is not a readable .npz file"):
+        load_checkpoint(bad)
+    other = tmp_path / "other.npz"
+    np.savez(other, a=np.zeros(2))
+    with pytest.raises(ValueError, match="is not a gpucnn checkpoint"):
+        load_checkpoint(other)
+
+
+def test_save_does_not_corrupt_existing_checkpoint_on_failure(tmp_path, monkeypatch):
+    model = Sequential([Flatten(), Dense(2)], SoftmaxCrossEntropy(), (1, 2, 2))
+    path = model.save(tmp_path / "keep.npz")
+    before = path.read_bytes()
+
+    def broken_savez(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.npz"]
+
+
+def test_model_input_and_structure_errors(rng):
+    model = Sequential([Conv2D(1, 3), Flatten(), Dense(1)], LogisticLogLikelihood(), (1, 5, 5))
+    with pytest.raises(
+        ValueError, match=r"input has shape \(2, 5, 5\); this model takes \(N, 1, 5, 5\)"
+    ):
+        model.forward(rng.standard_normal((2, 5, 5)))
+    with pytest.raises(ValueError, match="needs image input"):
+        Sequential([Flatten(), Conv2D(1, 3)], LogisticLogLikelihood(), (1, 5, 5))
+    with pytest.raises(ValueError, match="logistic head needs exactly one output"):
+        Sequential([Flatten(), Dense(3)], LogisticLogLikelihood(), (1, 5, 5))
+    with pytest.raises(ValueError, match="softmax head needs a flat output of >= 2 classes"):
+        Sequential([Flatten(), Dense(1)], SoftmaxCrossEntropy(), (1, 5, 5))
+    with pytest.raises(ValueError, match="input_shape must be"):
+        Sequential([Flatten()], SoftmaxCrossEntropy(), (1, 0, 5))
+    with pytest.raises(ValueError, match="l2 must be a number >= 0"):
+        Sequential([Flatten(), Dense(2)], SoftmaxCrossEntropy(), (1, 2, 2), l2=-1)
+    with pytest.raises(ValueError, match="dtype 'float16' is not supported"):
+        Sequential([Flatten(), Dense(2)], SoftmaxCrossEntropy(), (1, 2, 2), dtype="float16")
+    with pytest.raises(ValueError, match=r"dense1.weight must have shape \(9, 1\)"):
+        model.set_params({"dense1.weight": np.zeros((4, 1))})
+    with pytest.raises(RuntimeError, match="call loss"):
+        model.backward()
+
+
+def test_training_reduces_loss(backend, rng):
+    """A short run on a separable toy problem: sanity that the pieces learn together."""
+    x = rng.standard_normal((64, 1, 6, 6))
+    y = (x[:, 0, :3].sum(axis=(1, 2)) > x[:, 0, 3:].sum(axis=(1, 2))).astype(int)
+    model = Sequential(
+        [Conv2D(4, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(2)],
+        SoftmaxCrossEntropy(),
+        (1, 6, 6),
+        backend=backend,
+        seed=0,
+    )
+    optimizer = Adam(0.02)
+    first = float(to_host(model.loss(x, y)))
+    for _ in range(60):
+        model.loss(x, y)
+        optimizer.step(model.params, model.backward())
+    assert float(to_host(model.loss(x, y))) < 0.5 * first
+    accuracy = (to_host(model.predict(x)) == y).mean()
+    assert accuracy > 0.9
+
+
+def test_model_moves_between_backends(backend):
+    model = Sequential(
+        [Conv2D(2, 3), Flatten(), Dense(2)], SoftmaxCrossEntropy(), (1, 5, 5), seed=1
+    )
+    before = {k: v.copy() for k, v in model.params.items()}
+    model.to(backend).to(get_backend("numpy"))
+    for key in before:
+        np.testing.assert_array_equal(model.params[key], before[key])
