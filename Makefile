@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 lint: $(STAMP)
-	$(PY) -m ruff check gpucnn tests benchmarks
+	$(PY) -m ruff check gpucnn tests $(wildcard benchmarks)
 
 test: lint
 	$(PY) -m pytest
