@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 lint: $(STAMP)
-	$(PY) -m ruff check gpucnn tests $(wildcard benchmarks)
+	$(PY) -m ruff check gpucnn tests docs $(wildcard benchmarks)
 
 test: lint
 	$(PY) -m pytest

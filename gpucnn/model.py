@@ -150,16 +150,19 @@ class Sequential:
             h = layer._forward(h)
         return h
 
-    def loss(self, x: Any, labels: Any) -> Array:
-        """Mean loss over the batch (plus the L2 penalty), as a 0-d backend array.
+    def loss(self, x: Any, labels: Any, penalty: bool = True) -> Array:
+        """Mean loss over the batch (plus the L2 penalty unless ``penalty=False``), as a
+        0-d backend array.
 
         Left on the device so a training step never waits for the host; read it with
-        :func:`gpucnn.backend.to_scalar` when you want the number.
+        :func:`gpucnn.backend.to_scalar` when you want the number. The head's input is
+        kept in ``last_output`` (for accuracy without a second forward pass).
         """
         net = self.forward(x)
+        self.last_output = net
         labels = self.backend.asarray(labels)
         value = self.head.forward(net, labels)
-        if self.l2:
+        if self.l2 and penalty:
             params = self.params
             penalty = sum((params[k] * params[k]).sum() for k in self.decayed_params())
             value = value + (0.5 * self.l2) * penalty

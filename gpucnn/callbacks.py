@@ -1,0 +1,62 @@
+"""Hydra callbacks (edge code): group the MLflow runs of one multirun under a parent run."""
+
+from __future__ import annotations
+
+import atexit
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+from gpucnn.tracking import PARENT_RUN_ENV, PARENT_RUN_FILE, ensure_experiment, resolve_store
+
+
+class MlflowSweepCallback(Callback):
+    """Hydra callback: one parent MLflow run per multirun; each job's run is its child.
+
+    The parent's id reaches the jobs through an environment variable (inherited by
+    parallel workers) and a file in the sweep directory. The parent is marked FINISHED
+    at the end of the sweep, or FAILED if the process exits before that.
+    """
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        import mlflow  # noqa: PLC0415
+
+        # HydraConfig is not set yet at this point; the config carries the hydra node, and
+        # Hydra shares its resolver cache with the jobs, so ${now:...} resolves the same.
+        hydra_cfg = config.hydra
+        uri, artifacts = resolve_store(config.tracking.uri, os.getcwd())
+        mlflow.set_tracking_uri(uri)
+        experiment_id = ensure_experiment(config.tracking.experiment, artifacts)
+        sweep_dir = Path(hydra_cfg.sweep.dir)
+        run = mlflow.MlflowClient().create_run(
+            experiment_id,
+            run_name=f"sweep {sweep_dir.name}",
+            tags={
+                "gpucnn.sweep": "parent",
+                "gpucnn.sweep_dir": str(sweep_dir),
+                "gpucnn.overrides": " ".join(hydra_cfg.overrides.task),
+            },
+        )
+        self.parent_run_id = run.info.run_id
+        self.uri = uri
+        os.environ[PARENT_RUN_ENV] = self.parent_run_id
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_RUN_FILE).write_text(self.parent_run_id)
+        atexit.register(self._close, "FAILED")
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        self._close("FINISHED")
+
+    def _close(self, status: str) -> None:
+        import mlflow  # noqa: PLC0415
+
+        run_id = getattr(self, "parent_run_id", None)
+        if not run_id:
+            return
+        client = mlflow.MlflowClient(tracking_uri=self.uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+        os.environ.pop(PARENT_RUN_ENV, None)
+        self.parent_run_id = None

@@ -1,0 +1,219 @@
+"""Structured config schemas for the training app (edge code: Hydra's ConfigStore), and
+the builders that turn a composed config into gpucnn objects.
+
+The schema is the first entry of ``conf/config.yaml``'s defaults list, so every YAML file
+and every command-line override is checked against it. A wrong type, an unknown key or
+a value outside an enum is rejected by Hydra before training starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from gpucnn.layers import Conv2D, Dense, Flatten, Layer, Logistic, Pool2D, ReLU, Tanh
+from gpucnn.losses import head_from_config
+from gpucnn.model import Sequential
+from gpucnn.optim import Adam, GradientAscent, Momentum, Optimizer
+
+
+class BackendName(Enum):
+    auto = "auto"
+    numpy = "numpy"
+    cupy = "cupy"
+
+
+class LayerType(Enum):
+    conv = "conv"
+    pool = "pool"
+    flatten = "flatten"
+    dense = "dense"
+    relu = "relu"
+    tanh = "tanh"
+    logistic = "logistic"
+
+
+class HeadName(Enum):
+    logistic = "logistic"
+    softmax = "softmax"
+
+
+class OptimizerName(Enum):
+    ascent = "ascent"
+    momentum = "momentum"
+    adam = "adam"
+
+
+class DataName(Enum):
+    seed_20x20 = "seed_20x20"
+    digits = "digits"
+    idx = "idx"
+    npz = "npz"
+
+
+class DType(Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+@dataclass
+class LayerSpec:
+    """One layer. Fields that don't apply to ``type`` are ignored."""
+
+    type: LayerType = MISSING
+    out_channels: int | None = None  # conv
+    kernel_size: Any = None  # conv: int or [kh, kw]
+    stride: Any = None  # conv (default 1), pool (default: the window)
+    padding: Any = "valid"  # conv: valid | same | int | [ph, pw] | [t, b, l, r]
+    mode: str = "convolution"  # conv: convolution | cross_correlation
+    bias: bool = True  # conv, dense
+    init: str = "he"  # conv, dense: he | glorot
+    kind: str = "max"  # pool: max | l2 | avg
+    window: Any = None  # pool: int or [qh, qw]
+    order: str = "F"  # flatten: F (column-major) | C (row-major)
+    out_features: int | None = None  # dense
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    layers: list[LayerSpec] = field(default_factory=list)
+    head: HeadName = HeadName.softmax
+
+
+@dataclass
+class DataConfig:
+    name: DataName = DataName.digits
+    path: str | None = None  # idx: a directory; npz: a file
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    n_per_class: int = 50  # seed_20x20 only
+    noise: float = 0.3  # seed_20x20 only
+    normalize: bool = True
+    positive_class: int | None = None  # one-vs-rest labels for a binary (logistic) model
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adam
+    lr: float = 1e-3
+    momentum: float = 0.9  # momentum only
+    beta1: float = 0.9  # adam only
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    seed: int = 0
+    l2: float = 0.0
+    log_every: int = 10  # steps between reads of the per-step loss
+    kernels_every: int = 1  # epochs between kernel images (0: never)
+    dtype: DType = DType.float32
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite under ./runs
+    experiment: str = "gpucnn"
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    backend: BackendName = BackendName.auto
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def plain(cfg: Any) -> Any:
+    """A DictConfig as plain Python containers, enums as their names."""
+    if isinstance(cfg, (DictConfig,)) or OmegaConf.is_list(cfg):
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return cfg
+
+
+def build_layer(spec: dict[str, Any], index: int) -> Layer:
+    kind = spec["type"]
+    where = f"model.layers[{index}] ({kind})"
+
+    def need(key: str) -> Any:
+        if spec.get(key) is None:
+            raise ValueError(f"{where} needs {key}")
+        value = spec[key]
+        return tuple(value) if isinstance(value, list) else value
+
+    def optional(key: str, default: Any) -> Any:
+        value = spec.get(key)
+        if value is None:
+            return default
+        return tuple(value) if isinstance(value, list) else value
+
+    try:
+        if kind == "conv":
+            return Conv2D(
+                need("out_channels"),
+                need("kernel_size"),
+                optional("stride", 1),
+                optional("padding", "valid"),
+                spec["mode"],
+                spec["bias"],
+                spec["init"],
+            )
+        if kind == "pool":
+            return Pool2D(spec["kind"], need("window"), optional("stride", None))
+        if kind == "flatten":
+            return Flatten(spec["order"])
+        if kind == "dense":
+            return Dense(need("out_features"), spec["bias"], spec["init"])
+        return {"relu": ReLU, "tanh": Tanh, "logistic": Logistic}[kind]()
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def build_model(
+    model_cfg: dict[str, Any],
+    input_shape: tuple[int, ...],
+    backend: Any,
+    dtype: str,
+    seed: int,
+    l2: float,
+) -> Sequential:
+    layers = [build_layer(spec, i) for i, spec in enumerate(model_cfg["layers"])]
+    if not layers:
+        raise ValueError(f"model {model_cfg.get('name')!r} has no layers")
+    try:
+        return Sequential(
+            layers,
+            head_from_config(model_cfg["head"]),
+            input_shape,
+            backend=backend,
+            dtype=dtype,
+            seed=seed,
+            l2=l2,
+        )
+    except ValueError as err:
+        raise ValueError(f"model {model_cfg.get('name')!r} on input {input_shape}: {err}") from err
+
+
+def build_optimizer(cfg: dict[str, Any]) -> Optimizer:
+    name = cfg["name"]
+    if name == "ascent":
+        return GradientAscent(cfg["lr"])
+    if name == "momentum":
+        return Momentum(cfg["lr"], cfg["momentum"])
+    return Adam(cfg["lr"], cfg["beta1"], cfg["beta2"], cfg["eps"])

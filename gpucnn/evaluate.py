@@ -1,0 +1,117 @@
+"""``python -m gpucnn.evaluate``: test metrics of a trained model.
+
+    python -m gpucnn.evaluate --run-id 3f2a...            # a run in the MLflow store
+    python -m gpucnn.evaluate --checkpoint runs/hydra/.../model.npz
+
+The data (and its split and normalisation) are rebuilt from the run's resolved
+``config.yaml``: the artifact of the run, or the file beside the checkpoint (or
+``--config``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gpucnn.backend import BackendUnavailableError, get_backend
+from gpucnn.data import DataError
+from gpucnn.model import load_checkpoint
+from gpucnn.tracking import resolve_store
+from gpucnn.training import evaluate
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    if not path.is_file():
+        raise FileNotFoundError(f"config {str(path)!r} does not exist; pass --config")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def _download(run_id: str, uri: str | None, into: Path) -> tuple[Path, Path]:
+    import mlflow  # noqa: PLC0415
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+    tracking_uri, _ = resolve_store(uri, Path.cwd())
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        raise ValueError(f"run {run_id!r} was not found in {tracking_uri}") from err
+    try:
+        checkpoint = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="checkpoint/model.npz", dst_path=str(into)
+        )
+        config = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="config.yaml", dst_path=str(into)
+        )
+    except (MlflowException, OSError) as err:
+        raise ValueError(
+            f"run {run_id!r} has no checkpoint/model.npz and config.yaml (did it finish?): {err}"
+        ) from err
+    return Path(checkpoint), Path(config)
+
+
+def evaluate_checkpoint(
+    checkpoint: Path, config_path: Path, backend: str = "numpy", split: str = "test"
+) -> dict[str, Any]:
+    from gpucnn.train import load_data  # noqa: PLC0415 - shares the app's data rules
+
+    config = _read_config(config_path)
+    model, _ = load_checkpoint(checkpoint, backend=get_backend(backend))
+    dataset = load_data(config["data"])
+    if dataset.input_shape != model.input_shape:
+        raise ValueError(
+            f"checkpoint takes input {model.input_shape} but the data gives {dataset.input_shape}"
+        )
+    x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
+    metrics = evaluate(model, x, y)
+    return {
+        "split": split,
+        "images": len(y),
+        "loss": metrics["loss"],
+        "accuracy": metrics["accuracy"],
+        "confusion": metrics["confusion"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpucnn.evaluate", description=__doc__.split("\n")[0]
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-id", help="an MLflow run id")
+    source.add_argument("--checkpoint", help="a model .npz written by gpucnn.train")
+    parser.add_argument("--config", help="the run's config.yaml (default: beside the checkpoint)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: as gpucnn.train)")
+    parser.add_argument("--backend", default="numpy", choices=["auto", "numpy", "cupy"])
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    args = parser.parse_args(argv)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.run_id:
+                checkpoint, config = _download(args.run_id, args.tracking_uri, Path(tmp))
+            else:
+                checkpoint = Path(args.checkpoint)
+                config = Path(args.config) if args.config else checkpoint.parent / "config.yaml"
+            result = evaluate_checkpoint(checkpoint, config, args.backend, args.split)
+    except (ValueError, DataError, FileNotFoundError, BackendUnavailableError) as err:
+        print(f"gpucnn.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['split']}: accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
+            f"({result['images']} images)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

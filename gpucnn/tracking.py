@@ -1,0 +1,231 @@
+"""Experiment tracking at the edge: a small Tracker interface for the training loop, and
+its MLflow implementation. The core never imports MLflow; only this module does.
+
+Default store: a SQLite database and an artifact folder under ``runs/`` of the directory
+the user launched from, created on first use. ``tracking.uri`` or ``MLFLOW_TRACKING_URI``
+points elsewhere (e.g. an ``http://`` tracking server).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PARENT_RUN_ENV = "GPUCNN_PARENT_RUN_ID"
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
+
+
+class Tracker:
+    """What the training loop reports to. The base class records nothing."""
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_metric_history(self, key: str, values: list[float], first_step: int) -> None: ...
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None: ...
+
+    def log_array(self, name: str, array: np.ndarray) -> None: ...
+
+    def log_file(self, path: str | Path, folder: str | None = None) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+# -- images -----------------------------------------------------------------------------
+def kernel_grid(weight: np.ndarray, scale: int = 16, gap: int = 1) -> np.ndarray:
+    """(P, C, KH, KW) kernels -> one uint8 grayscale image: a row per kernel, a column
+    per input channel, each tile scaled to its own [min, max] and enlarged ``scale`` times
+    (nearest neighbour) so single weights stay visible."""
+    p, c, kh, kw = weight.shape
+    scale = max(1, min(scale, 256 // max(kh, kw, 1)))
+    tile_h, tile_w = kh * scale, kw * scale
+    grid = np.full((p * (tile_h + gap) + gap, c * (tile_w + gap) + gap), 255, np.uint8)
+    for i in range(p):
+        for j in range(c):
+            tile = weight[i, j].astype(np.float64)
+            span = tile.max() - tile.min()
+            tile = (tile - tile.min()) / span if span > 0 else np.full_like(tile, 0.5)
+            tile = np.kron(tile, np.ones((scale, scale)))
+            top, left = gap + i * (tile_h + gap), gap + j * (tile_w + gap)
+            grid[top : top + tile_h, left : left + tile_w] = (tile * 255).round().astype(np.uint8)
+    return grid
+
+
+def confusion_image(confusion: np.ndarray, cell: int = 36) -> np.ndarray:
+    """A confusion matrix as an RGB heat map with the counts written in (rows: true
+    class, columns: predicted)."""
+    from PIL import Image, ImageDraw  # noqa: PLC0415 - only needed when logging images
+
+    k = confusion.shape[0]
+    margin = cell
+    size = (margin + k * cell, margin + k * cell)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    rows = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    for t in range(k):
+        draw.text((4, margin + t * cell + cell // 3), str(t), fill="black")
+        draw.text((margin + t * cell + cell // 3, 4), str(t), fill="black")
+        for p in range(k):
+            shade = int(255 * (1 - rows[t, p]))
+            box = (
+                margin + p * cell,
+                margin + t * cell,
+                margin + (p + 1) * cell - 1,
+                margin + (t + 1) * cell - 1,
+            )
+            draw.rectangle(box, fill=(shade, shade, 255))
+            draw.text(
+                (box[0] + 4, box[1] + cell // 3),
+                str(int(confusion[t, p])),
+                fill="white" if rows[t, p] > 0.5 else "black",
+            )
+    return np.asarray(image)
+
+
+# -- store resolution --------------------------------------------------------------------
+def default_store(base_dir: str | Path) -> tuple[str, str]:
+    """(tracking URI, artifact location) of the embedded store under base_dir/runs."""
+    runs = Path(base_dir).resolve() / "runs"
+    return f"sqlite:///{runs / 'mlflow.db'}", (runs / "artifacts").as_uri()
+
+
+def resolve_store(uri: str | None, base_dir: str | Path) -> tuple[str, str | None]:
+    """The tracking URI to use and, for the embedded store, the artifact location.
+
+    Precedence: explicit ``uri`` > ``MLFLOW_TRACKING_URI`` > embedded SQLite under runs/.
+    """
+    if uri:
+        return uri, None
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], None
+    db_uri, artifacts = default_store(base_dir)
+    (Path(base_dir) / "runs").mkdir(parents=True, exist_ok=True)
+    return db_uri, artifacts
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri '{uri}' --host 127.0.0.1 --port 5000"
+
+
+def ensure_experiment(name: str, artifact_location: str | None) -> str:
+    """The experiment's id, creating it (with an explicit artifact location) if needed."""
+    import mlflow  # noqa: PLC0415
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location)
+    except Exception:
+        # Another process (a parallel sweep) created it first.
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def git_commit(directory: str | Path) -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def flatten_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.c": "value"}; lists of mappings get their index in the key."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, f"{name}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for index, item in enumerate(value):
+                flat.update(flatten_params(item, f"{name}.{index}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            flat[name] = text[:6000]
+    return flat
+
+
+# -- MLflow ------------------------------------------------------------------------------
+class MlflowTracker(Tracker):
+    """Logs to the active MLflow run. Metrics are buffered and sent with log_batch (one
+    HTTP call instead of hundreds)."""
+
+    def __init__(self, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+        self.client = MlflowClient()
+        self.run_id = run_id
+        self._pending: list[Any] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param  # noqa: PLC0415
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric  # noqa: PLC0415
+
+        stamp = _now_ms()
+        self._pending += [Metric(k, float(v), stamp, int(step)) for k, v in metrics.items()]
+        if len(self._pending) >= METRICS_PER_BATCH:
+            self.flush()
+
+    def log_metric_history(self, key: str, values: list[float], first_step: int) -> None:
+        from mlflow.entities import Metric  # noqa: PLC0415
+
+        stamp = _now_ms()
+        self._pending += [
+            Metric(key, float(v), stamp, first_step + i) for i, v in enumerate(values)
+        ]
+        if len(self._pending) >= METRICS_PER_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending:
+            chunk, self._pending = (
+                self._pending[:METRICS_PER_BATCH],
+                self._pending[METRICS_PER_BATCH:],
+            )
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        import mlflow  # noqa: PLC0415
+
+        mlflow.log_image(image, key=key, step=int(step), synchronous=True)
+
+    def log_array(self, name: str, array: np.ndarray) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            np.save(path, array, allow_pickle=False)
+            self.client.log_artifact(self.run_id, str(path), "kernels")
+
+    def log_file(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value)[:5000])
+
+
+def _now_ms() -> int:
+    import time  # noqa: PLC0415
+
+    return int(time.time() * 1000)

@@ -1,0 +1,212 @@
+"""``python -m gpucnn.train``: train with Hydra configs, track every run in MLflow.
+
+    python -m gpucnn.train experiment=digits
+    python -m gpucnn.train experiment=digits optimizer.lr=0.01 trainer.epochs=5
+    python -m gpucnn.train -m experiment=digits optimizer.lr=0.001,0.01   # a sweep
+
+Everything that can be wrong with the input (config values, data path, model shapes,
+backend) is checked before an MLflow run is created. A run always ends FINISHED, FAILED
+(with the error as the tag ``gpucnn.error``) or KILLED (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from gpucnn.backend import BackendUnavailableError, get_backend, to_host
+from gpucnn.config import build_model, build_optimizer, plain, register_configs
+from gpucnn.data import DataError, Dataset, load_dataset
+from gpucnn.model import save_checkpoint
+from gpucnn.tracking import (
+    PARENT_RUN_ENV,
+    PARENT_RUN_FILE,
+    MlflowTracker,
+    confusion_image,
+    ensure_experiment,
+    flatten_params,
+    git_commit,
+    resolve_store,
+    ui_command,
+)
+from gpucnn.training import check_trainer_settings, fit
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+USER_ERRORS = (ValueError, DataError, FileNotFoundError, BackendUnavailableError)
+
+register_configs()
+
+
+def load_data(data_cfg: dict[str, Any]) -> Dataset:
+    options = {k: v for k, v in data_cfg.items() if k != "positive_class"}
+    dataset = load_dataset(**options)
+    positive = data_cfg.get("positive_class")
+    if positive is not None:
+        if not 0 <= positive < dataset.num_classes:
+            raise DataError(
+                f"data.positive_class={positive} is not a class of {dataset.name!r} "
+                f"(0..{dataset.num_classes - 1})"
+            )
+        for split in ("train", "val", "test"):
+            labels = getattr(dataset, f"y_{split}")
+            setattr(dataset, f"y_{split}", (labels == positive).astype(np.int64))
+        dataset.num_classes = 2
+    return dataset
+
+
+def prepare(cfg: dict[str, Any]) -> tuple[Any, Dataset, Any, Any]:
+    """Backend, data, model and optimizer, or a clear error: nothing is logged yet."""
+    check_trainer_settings(cfg["trainer"])
+    backend = get_backend(cfg["backend"])
+    dataset = load_data(cfg["data"])
+    trainer = cfg["trainer"]
+    model = build_model(
+        cfg["model"], dataset.input_shape, backend, trainer["dtype"], trainer["seed"], trainer["l2"]
+    )
+    if cfg["model"]["head"] == "logistic" and dataset.num_classes != 2:
+        raise ValueError(
+            f"model {cfg['model']['name']!r} has a logistic (binary) head but data "
+            f"{dataset.name!r} has {dataset.num_classes} classes; set data.positive_class=K "
+            "for one-vs-rest labels, or use a softmax model"
+        )
+    if cfg["model"]["head"] == "softmax" and model.output_shape[0] < dataset.num_classes:
+        raise ValueError(
+            f"model {cfg['model']['name']!r} has {model.output_shape[0]} outputs but data "
+            f"{dataset.name!r} has {dataset.num_classes} classes"
+        )
+    return backend, dataset, model, build_optimizer(cfg["optimizer"])
+
+
+def parent_run_id(hydra_cfg: Any) -> str | None:
+    """The sweep's parent run, when this job is part of a multirun."""
+    if os.environ.get(PARENT_RUN_ENV):
+        return os.environ[PARENT_RUN_ENV]
+    if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
+        marker = Path(hydra_cfg.sweep.dir) / PARENT_RUN_FILE
+        if marker.is_file():
+            return marker.read_text().strip()
+    return None
+
+
+def run(cfg: DictConfig) -> float:
+    import mlflow  # noqa: PLC0415
+
+    hydra_cfg = HydraConfig.get()
+    launch_dir = hydra_cfg.runtime.cwd
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    config = plain(cfg)
+    backend, dataset, model, optimizer = prepare(config)
+
+    uri, artifacts = resolve_store(config["tracking"]["uri"], launch_dir)
+    mlflow.set_tracking_uri(uri)
+    experiment_id = ensure_experiment(config["tracking"]["experiment"], artifacts)
+    tags = {
+        "gpucnn.backend": backend.name,
+        "gpucnn.device": backend.device_name(),
+        "gpucnn.overrides": " ".join(hydra_cfg.overrides.task),
+    }
+    commit = git_commit(launch_dir)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    parent = parent_run_id(hydra_cfg)
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=config["tracking"]["run_name"],
+        parent_run_id=parent,
+        tags=tags,
+    ) as active:
+        run_id = active.info.run_id
+        try:
+            tracker = MlflowTracker(run_id)
+            sizes = dataset.sizes()
+            tracker.log_params(
+                {
+                    **flatten_params(config),
+                    **{f"data.{k}_size": v for k, v in sizes.items()},
+                    "model.num_params": model.num_params(),
+                    "data.num_classes": dataset.num_classes,
+                }
+            )
+            config_path = output_dir / "config.yaml"
+            config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            tracker.log_file(config_path)
+            trainer = config["trainer"]
+            result = fit(
+                model,
+                optimizer,
+                dataset,
+                epochs=trainer["epochs"],
+                batch_size=trainer["batch_size"],
+                seed=trainer["seed"],
+                log_every=trainer["log_every"],
+                kernels_every=trainer["kernels_every"],
+                tracker=tracker,
+            )
+            confusion = np.array(result.confusion)
+            tracker.log_image("confusion_matrix", confusion_image(confusion), step=result.steps)
+            np.savetxt(output_dir / "confusion_matrix.csv", confusion, fmt="%d", delimiter=",")
+            tracker.log_file(output_dir / "confusion_matrix.csv")
+            for layer in model.layers:
+                if layer.kind == "conv":
+                    tracker.log_array(f"{layer.name}.npy", to_host(layer.params["weight"]))
+            checkpoint = save_checkpoint(output_dir / "model.npz", model, optimizer)
+            tracker.log_file(checkpoint, "checkpoint")
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
+        except BaseException as err:
+            mlflow.set_tag("gpucnn.error", f"{type(err).__name__}: {err}"[:5000])
+            raise
+    summary(run_id, config, result, sizes, checkpoint, uri, backend.name)
+    return result.test["test_accuracy"]
+
+
+def summary(
+    run_id: str,
+    config: dict[str, Any],
+    result: Any,
+    sizes: dict[str, int],
+    checkpoint: Path,
+    uri: str,
+    backend: str,
+) -> None:
+    test = "  ".join(f"{k} {v:.4f}" for k, v in result.test.items())
+    print(
+        f"\ngpucnn: run {run_id} FINISHED  (experiment {config['tracking']['experiment']!r}, "
+        f"backend {backend})\n"
+        f"  {test}  on {sizes['test']} test images\n"
+        f"  {result.images_per_second:,.0f} images/s over {result.steps} steps\n"
+        f"  checkpoint: {checkpoint}\n"
+        f"  compare runs in the MLflow UI:\n    {sys.executable} -m {ui_command(uri)}\n",
+        flush=True,
+    )
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float:
+    started = time.perf_counter()
+    try:
+        return run(cfg)
+    except USER_ERRORS as err:
+        print(f"gpucnn.train: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(
+            f"gpucnn.train: interrupted after {time.perf_counter() - started:.1f} s; "
+            "the run is marked KILLED",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The training loop: epochs of shuffled mini-batches, metrics to a Tracker.
+
+Core code: it knows neither Hydra nor MLflow. Device values (losses, correct counts)
+stay on the device during an interval and are read once per ``log_every`` steps and
+once per epoch, so a CuPy step never waits for the host.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpucnn.backend import Array, to_host
+from gpucnn.losses import LogisticLogLikelihood
+from gpucnn.model import Sequential
+from gpucnn.optim import Optimizer
+from gpucnn.tracking import Tracker, kernel_grid
+
+
+@dataclass
+class TrainResult:
+    history: dict[str, list[float]] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    confusion: Any = None
+    images_per_second: float = 0.0
+    steps: int = 0
+
+
+def _labels_for(model: Sequential, y: Any) -> Array:
+    """Device labels in the form the head wants (0/1 floats for the logistic head)."""
+    if isinstance(model.head, LogisticLogLikelihood):
+        return model.backend.asarray(y, model.dtype)
+    return model.backend.asarray(y).astype("int64")
+
+
+def evaluate(model: Sequential, x: Any, y: Any, batch_size: int = 512) -> dict[str, Any]:
+    """Data loss (no L2 penalty), accuracy and confusion matrix over a whole split."""
+    xp = model.backend.xp
+    n = len(y)
+    if n == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "confusion": None}
+    labels = _labels_for(model, y)
+    x = model.backend.asarray(x, model.dtype)
+    total = xp.zeros((), dtype=model.dtype)
+    predictions = []
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        total += model.loss(x[start:stop], labels[start:stop], penalty=False) * (stop - start)
+        predictions.append(model.head.predict(model.last_output))
+    predicted = to_host(xp.concatenate(predictions))
+    truth = to_host(y).astype(int)
+    classes = max(int(model.output_shape[0]), 2)
+    confusion = [[0] * classes for _ in range(classes)]
+    for t, p in zip(truth.tolist(), predicted.tolist(), strict=True):
+        confusion[t][p] += 1
+    return {
+        "loss": float(to_host(total)) / n,
+        "accuracy": float((predicted == truth).mean()),
+        "confusion": confusion,
+    }
+
+
+def check_trainer_settings(trainer: dict[str, Any]) -> None:
+    """Raise a one-line ValueError for a trainer setting outside its range."""
+    for key in ("epochs", "batch_size", "log_every"):
+        value = trainer.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"trainer.{key} must be an int >= 1, got {value!r}")
+    every = trainer.get("kernels_every", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"trainer.kernels_every must be an int >= 0 (0: never), got {every!r}")
+    l2 = trainer.get("l2", 0.0)
+    if l2 is not None and (not isinstance(l2, (int, float)) or l2 < 0):
+        raise ValueError(f"trainer.l2 must be a number >= 0, got {l2!r}")
+
+
+def fit(
+    model: Sequential,
+    optimizer: Optimizer,
+    data: Any,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    log_every: int = 10,
+    kernels_every: int = 1,
+    tracker: Tracker | None = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``data`` (a :class:`gpucnn.data.Dataset`), report to ``tracker``.
+
+    ``progress=None`` shows a bar per epoch only when stderr is a terminal.
+    """
+    for value, what in (
+        (epochs, "trainer.epochs"),
+        (batch_size, "trainer.batch_size"),
+        (log_every, "trainer.log_every"),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+    if not isinstance(kernels_every, int) or kernels_every < 0:
+        raise ValueError(
+            f"trainer.kernels_every must be an int >= 0 (0 = never), got {kernels_every!r}"
+        )
+    tracker = tracker or Tracker()
+    backend = model.backend
+    xp = backend.xp
+    rng = backend.random(seed)
+    x_train = backend.asarray(data.x_train, model.dtype)
+    y_train = _labels_for(model, data.y_train)
+    n = len(data.y_train)
+    show = sys.stderr.isatty() if progress is None else progress
+    result = TrainResult(
+        history={k: [] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")}
+    )
+    step = 0
+    pending: list[Array] = []
+    pending_first_step = 0
+    seconds = 0.0
+    _log_kernels(model, tracker, 0, kernels_every)
+    for epoch in range(1, epochs + 1):
+        order = backend.asarray(rng.permutation(n))
+        bar = _progress_bar(show, (n + batch_size - 1) // batch_size, epoch, epochs)
+        loss_sum = xp.zeros((), dtype=model.dtype)
+        correct = xp.zeros((), dtype="int64")
+        started = time.perf_counter()
+        for start in range(0, n, batch_size):
+            index = order[start : start + batch_size]
+            xb, yb = x_train[index], y_train[index]
+            loss = model.loss(xb, yb)
+            optimizer.step(model.params, model.backward())
+            loss_sum += loss * len(index)
+            correct += (model.head.predict(model.last_output) == yb.astype("int64")).sum()
+            pending.append(loss)
+            step += 1
+            if len(pending) == log_every:
+                values = to_host(xp.stack(pending)).tolist()  # one transfer per interval
+                tracker.log_metric_history("train_loss_step", values, pending_first_step + 1)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{values[-1]:.4f}")
+                pending, pending_first_step = [], step
+            if bar is not None:
+                bar.update(1)
+        train_loss = float(to_host(loss_sum)) / n
+        train_accuracy = float(to_host(correct)) / n
+        seconds += time.perf_counter() - started
+        val = evaluate(model, data.x_val, data.y_val)
+        epoch_metrics = {
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+        }
+        for key, value in epoch_metrics.items():
+            result.history[key].append(value)
+        tracker.log_metrics(
+            {**epoch_metrics, "epoch_images_per_second": n / max(seconds / epoch, 1e-9)}, step=epoch
+        )
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{train_loss:.4f}",
+                acc=f"{train_accuracy:.3f}",
+                val_acc=f"{val['accuracy']:.3f}",
+            )
+            bar.close()
+        _log_kernels(model, tracker, epoch, kernels_every, final=epoch == epochs)
+    if pending:
+        tracker.log_metric_history(
+            "train_loss_step", to_host(xp.stack(pending)).tolist(), pending_first_step + 1
+        )
+    result.steps = step
+    result.images_per_second = n * epochs / max(seconds, 1e-9)
+    test = evaluate(model, data.x_test, data.y_test)
+    result.confusion = test.pop("confusion")
+    result.test = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+    tracker.log_metrics({**result.test, "images_per_second": result.images_per_second}, step=step)
+    tracker.flush()
+    return result
+
+
+def _log_kernels(
+    model: Sequential, tracker: Tracker, epoch: int, every: int, final: bool = False
+) -> None:
+    if not every or (epoch % every and not final):
+        return
+    for layer in model.layers:
+        if layer.kind == "conv":
+            weight = to_host(layer.params["weight"])
+            tracker.log_image(f"kernels/{layer.name}", kernel_grid(weight), step=epoch)
+
+
+def _progress_bar(show: bool, total: int, epoch: int, epochs: int) -> Any:
+    if not show:
+        return None
+    try:
+        from tqdm import tqdm  # noqa: PLC0415 - optional, part of the train extra
+    except ImportError:
+        return None
+    return tqdm(
+        total=total,
+        desc=f"epoch {epoch}/{epochs}",
+        leave=True,
+        unit="batch",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )

@@ -1,0 +1,121 @@
+"""Every config in conf/ composes against the schema and builds a model, optimizer and
+dataset; bad values are rejected by the schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+hydra = pytest.importorskip("hydra")
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.errors import ConfigCompositionException  # noqa: E402
+from omegaconf.errors import ValidationError  # noqa: E402
+
+from gpucnn.config import plain  # noqa: E402
+from gpucnn.data import write_idx  # noqa: E402
+from gpucnn.train import CONF_DIR, prepare  # noqa: E402
+
+CONF = Path(CONF_DIR)
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    """Tiny 28x28 IDX and npz datasets, so lenet and the file formats can be built."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    labels = (np.arange(40) % 10).astype(np.uint8)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte", images[:n])
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels[:n])
+    np.savez(root / "data.npz", x=images.astype(np.float32), y=labels.astype(np.int64))
+    return root
+
+
+def composed(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+# Each model with a dataset it fits.
+MODEL_DATA = {
+    "seed_8x8": ["data=digits", "data.positive_class=0"],
+    "seed_20x20": ["data=seed_20x20"],
+    "small_cnn": ["data=digits"],
+    "lenet": ["data=idx"],
+}
+
+
+def test_every_option_is_covered():
+    assert set(options("model")) == set(MODEL_DATA)
+    assert set(options("data")) == {"seed_20x20", "digits", "idx", "npz"}
+    assert set(options("optimizer")) == {"ascent", "momentum", "adam"}
+    assert set(options("experiment")) >= {"seed_20x20", "digits"}
+
+
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("optimizer", options("optimizer"))
+def test_model_and_optimizer_configs_build(model, optimizer, data_files):
+    overrides = [f"model={model}", f"optimizer={optimizer}", "backend=numpy", *MODEL_DATA[model]]
+    if "data=idx" in overrides:
+        overrides.append(f"data.path={data_files}")
+    backend, dataset, built, opt = prepare(plain(composed(overrides)))
+    assert built.input_shape == dataset.input_shape
+    assert opt.kind == optimizer
+    out = built.forward(dataset.x_train[:3])
+    assert out.shape[0] == 3
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_data_configs_build(data, data_files):
+    path = {"idx": [f"data.path={data_files}"], "npz": [f"data.path={data_files / 'data.npz'}"]}
+    model = "seed_20x20" if data == "seed_20x20" else "small_cnn"
+    overrides = [f"data={data}", "backend=numpy", *path.get(data, [])]
+    if data in ("idx", "npz"):
+        model = "lenet"
+    _, dataset, _, _ = prepare(plain(composed([f"model={model}", *overrides])))
+    assert len(dataset.y_train) > 0 and len(dataset.y_test) > 0
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiments_build(experiment):
+    cfg = plain(composed([f"experiment={experiment}", "backend=numpy"]))
+    prepare(cfg)
+    if experiment == "seed_20x20":  # the lecture's run: 1000 iterations, eta 0.1, L2 0.1
+        assert cfg["optimizer"] == {**cfg["optimizer"], "name": "ascent", "lr": 0.1}
+        assert cfg["trainer"]["l2"] == 0.1 and cfg["trainer"]["epochs"] == 1000
+        assert cfg["trainer"]["batch_size"] >= 2 * cfg["data"]["n_per_class"]  # full batch
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.epochs=abc",
+        "backend=tpu",
+        "optimizer.name=rmsprop",
+        "model.head=hinge",
+        "trainer.dtype=float16",
+    ],
+)
+def test_schema_rejects_bad_values(override):
+    with pytest.raises((ValidationError, ConfigCompositionException)):
+        composed([override])
+
+
+@pytest.mark.parametrize("override", ["trainer.epoch=3", "data.pth=x", "model.layers.0.kernel=3"])
+def test_schema_rejects_unknown_keys(override):
+    with pytest.raises((ValidationError, ConfigCompositionException)):
+        composed([override])
+
+
+def test_logistic_model_on_multiclass_data_is_a_clear_error():
+    with pytest.raises(
+        ValueError, match="logistic \\(binary\\) head but data 'digits' has 10 classes"
+    ):
+        prepare(plain(composed(["model=seed_8x8", "data=digits", "backend=numpy"])))

@@ -1,0 +1,326 @@
+"""End-to-end: `python -m gpucnn.train` in a temporary directory, read back through
+MlflowClient; sweeps; bad input; run status on failure and interruption; evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+pytest.importorskip("hydra")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "backend=numpy",
+    "trainer.epochs=2",
+    "trainer.log_every=5",
+    "trainer.kernels_every=1",
+    "trainer.batch_size=64",
+]
+
+
+def train(cwd, *overrides, timeout=300, env=None):
+    environment = {**os.environ, **(env or {})}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, "-m", "gpucnn.train", *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+    )
+
+
+def client_for(cwd):
+    return MlflowClient(tracking_uri=f"sqlite:///{Path(cwd) / 'runs' / 'mlflow.db'}")
+
+
+def all_runs(client):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments) if experiments else []
+
+
+def artifact_paths(client, run_id, path=None):
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += artifact_paths(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("app")
+    result = train(cwd, "experiment=digits", *TINY)
+    assert result.returncode == 0, result.stderr
+    return cwd, result
+
+
+def test_run_logs_everything(digits_run):
+    cwd, result = digits_run
+    client = client_for(cwd)
+    (run,) = all_runs(client)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["optimizer.lr"] == "0.001" and params["trainer.epochs"] == "2"
+    assert params["model.layers.0.type"] == "conv" and params["backend"] == "numpy"
+    sizes = {k: int(params[f"data.{k}_size"]) for k in ("train", "val", "test")}
+    assert sum(sizes.values()) == 1797
+    tags = run.data.tags
+    assert tags["gpucnn.backend"] == "numpy" and tags["gpucnn.device"].startswith("CPU")
+    steps_per_epoch = -(-sizes["train"] // 64)
+    history = {
+        key: client.get_metric_history(run.info.run_id, key)
+        for key in ("train_loss_step", "train_loss", "val_loss", "val_accuracy", "train_accuracy")
+    }
+    assert len(history["train_loss_step"]) == 2 * steps_per_epoch
+    assert [m.step for m in history["train_loss_step"]] == list(range(1, 2 * steps_per_epoch + 1))
+    for key in ("train_loss", "val_loss", "val_accuracy", "train_accuracy"):
+        assert [m.step for m in history[key]] == [1, 2]
+    metrics = run.data.metrics
+    assert 0.5 < metrics["test_accuracy"] <= 1 and metrics["images_per_second"] > 0
+    artifacts = artifact_paths(client, run.info.run_id)
+    for expected in (
+        "checkpoint/model.npz",
+        "config.yaml",
+        "kernels/conv1.npy",
+        "kernels/conv2.npy",
+        "confusion_matrix.csv",
+    ):
+        assert expected in artifacts
+    kernel_images = [
+        a for a in artifacts if a.startswith("images/kernels~conv1+step+") and a.endswith(".png")
+    ]
+    assert sorted(int(a.split("+step+")[1].split("+")[0]) for a in kernel_images) == [0, 1, 2]
+    assert any(a.startswith("images/confusion_matrix") for a in artifacts)
+    assert run.info.run_id in result.stdout and "test_accuracy" in result.stdout
+    assert "mlflow ui --backend-store-uri" in result.stdout and "--host 127.0.0.1" in result.stdout
+    # Hydra's outputs live under runs/, not in a stray outputs/ folder.
+    assert not (Path(cwd) / "outputs").exists() and (Path(cwd) / "runs" / "hydra").is_dir()
+
+
+def test_evaluate_by_run_id_and_by_path(digits_run):
+    cwd, _ = digits_run
+    client = client_for(cwd)
+    (run,) = all_runs(client)
+    env = {**os.environ}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    by_id = subprocess.run(
+        [sys.executable, "-m", "gpucnn.evaluate", "--run-id", run.info.run_id, "--json"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert by_id.returncode == 0, by_id.stderr
+    report = json.loads(by_id.stdout.strip().splitlines()[-1])
+    assert report["accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+    assert report["images"] == int(run.data.params["data.test_size"])
+    checkpoint = next(Path(cwd, "runs", "hydra").rglob("model.npz"))
+    by_path = subprocess.run(
+        [sys.executable, "-m", "gpucnn.evaluate", "--checkpoint", str(checkpoint)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert by_path.returncode == 0 and f"accuracy {report['accuracy']:.4f}" in by_path.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "gpucnn.evaluate", "--run-id", "nope"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert missing.returncode == 2 and "run 'nope' was not found" in missing.stderr
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_multirun_one_parent_two_children(tmp_path, launcher):
+    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    result = train(
+        tmp_path,
+        "-m",
+        "experiment=digits",
+        *TINY,
+        "trainer.epochs=1",
+        "optimizer.lr=0.001,0.01",
+        *extra,
+    )
+    assert result.returncode == 0, result.stderr
+    runs = all_runs(client_for(tmp_path))
+    parents = [r for r in runs if r.data.tags.get("gpucnn.sweep") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.data.params["optimizer.lr"] for c in children) == ["0.001", "0.01"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.epochs=abc", "trainer.epochs"),
+        ("trainer.epoch=3", "epoch"),
+        ("optimizer.name=rmsprop", "rmsprop"),
+    ],
+)
+def test_bad_override_exits_nonzero_without_a_run(tmp_path, override, message):
+    result = train(tmp_path, "experiment=digits", *TINY, override)
+    assert result.returncode != 0 and message in result.stderr
+    store = tmp_path / "runs" / "mlflow.db"
+    if store.exists():
+        assert all(r.info.status != "RUNNING" for r in all_runs(client_for(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data=idx", "data.path=/no/such/mnist"],
+            "data.path '/no/such/mnist' is not a directory of IDX files",
+        ),
+        (
+            ["data=npz", "data.path=/no/such/file.npz"],
+            "data.path '/no/such/file.npz' does not exist",
+        ),
+        (["trainer.epochs=0"], "trainer.epochs must be an int >= 1, got 0"),
+        (["optimizer.lr=-1"], "learning rate (lr) must be a number > 0, got -1.0"),
+        (
+            ["model=lenet"],
+            "model 'lenet' on input (1, 8, 8): conv2: kernel 5x5 is larger than "
+            "its padded input 2x2 (input C,H,W = (8, 2, 2), padding (0, 0, 0, 0))",
+        ),
+    ],
+)
+def test_bad_data_or_value_is_one_clear_line(tmp_path, overrides, message):
+    result = train(tmp_path, "experiment=digits", *TINY, *overrides)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"gpucnn.train: error: {message}"
+    assert not (tmp_path / "runs" / "mlflow.db").exists() or not any(
+        r.info.status == "RUNNING" for r in all_runs(client_for(tmp_path))
+    )
+
+
+def test_existing_runs_survive_a_failing_run(digits_run):
+    cwd, _ = digits_run
+    before = {r.info.run_id: r.info.status for r in all_runs(client_for(cwd))}
+    result = train(cwd, "data=npz", "data.path=/missing.npz", *TINY)
+    assert result.returncode == 2
+    after = {r.info.run_id: r.info.status for r in all_runs(client_for(cwd))}
+    assert after == before
+
+
+def _run_in_process(tmp_path, monkeypatch, failure):
+    """Call the app's run() under a real Hydra context, with fit() replaced by ``failure``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import gpucnn.train as app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with initialize_config_dir(config_dir=app.CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="config", overrides=["experiment=digits", *TINY], return_hydra_config=True
+        )
+    cfg.hydra.runtime.output_dir = str(tmp_path / "out")
+    cfg.hydra.runtime.cwd = str(tmp_path)
+    (tmp_path / "out").mkdir()
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):  # the app's main() never sees the hydra node
+        del cfg["hydra"]
+
+    def broken_fit(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(app, "fit", broken_fit)
+    with pytest.raises(type(failure)):
+        app.run(cfg)
+    (run,) = all_runs(client_for(tmp_path))
+    return run
+
+
+def test_failure_inside_a_run_marks_it_failed(tmp_path, monkeypatch):
+    run = _run_in_process(tmp_path, monkeypatch, RuntimeError("exploded at step 3"))
+    assert run.info.status == "FAILED"
+    assert run.data.tags["gpucnn.error"] == "RuntimeError: exploded at step 3"
+
+
+def test_interrupt_inside_a_run_marks_it_killed(tmp_path, monkeypatch):
+    run = _run_in_process(tmp_path, monkeypatch, KeyboardInterrupt())
+    assert run.info.status == "KILLED"
+
+
+def test_ctrl_c_marks_the_run_killed(tmp_path):
+    env = {**os.environ}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpucnn.train",
+            "experiment=seed_20x20",
+            "backend=numpy",
+            "trainer.epochs=100000",
+            "trainer.kernels_every=0",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        # Wait for the run's first artifact on disk rather than polling the database:
+        # opening the store while the child is still creating its tables races with it.
+        deadline = time.time() + 120
+        started = []
+        while time.time() < deadline and not started and process.poll() is None:
+            time.sleep(0.3)
+            started = list((tmp_path / "runs" / "artifacts").rglob("config.yaml"))
+        if not started:
+            process.kill()
+            out, err = process.communicate(timeout=30)
+            pytest.fail(f"the run never started; stdout: {out[-2000:]} stderr: {err[-2000:]}")
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    (run,) = all_runs(client_for(tmp_path))
+    assert run.info.status == "KILLED"
+
+
+def test_explicit_tracking_uri(tmp_path):
+    store = tmp_path / "elsewhere.db"
+    result = train(
+        tmp_path,
+        "experiment=digits",
+        *TINY,
+        "trainer.epochs=1",
+        f"tracking.uri=sqlite:///{store}",
+        "tracking.experiment=custom",
+    )
+    assert result.returncode == 0, result.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    assert client.get_experiment_by_name("custom") is not None
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+    checkpoint = next(tmp_path.joinpath("runs", "hydra").rglob("model.npz"))
+    with np.load(checkpoint, allow_pickle=False) as data:
+        assert "architecture" in data.files

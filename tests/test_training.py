@@ -1,0 +1,136 @@
+"""The training loop against a recording tracker, on every backend (no MLflow needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpucnn import Adam, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, SoftmaxCrossEntropy
+from gpucnn.data import load_dataset
+from gpucnn.layers import Pool2D
+from gpucnn.losses import LogisticLogLikelihood
+from gpucnn.optim import GradientAscent
+from gpucnn.tracking import Tracker, kernel_grid
+from gpucnn.training import check_trainer_settings, evaluate, fit
+
+
+class Recorder(Tracker):
+    def __init__(self):
+        self.metrics, self.histories, self.images = [], {}, []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_metric_history(self, key, values, first_step):
+        steps = range(first_step, first_step + len(values))
+        self.histories.setdefault(key, []).extend(zip(steps, values, strict=True))
+
+    def log_image(self, key, image, step):
+        self.images.append((key, step, image.shape, image.dtype))
+
+
+def test_fit_reports_per_step_and_per_epoch(backend):
+    data = load_dataset("seed_20x20", n_per_class=20, noise=0.3, seed=0)
+    model = Sequential(
+        [
+            Conv2D(1, 20, bias=False, init="glorot"),
+            Pool2D("max", 1, 1),
+            Flatten(),
+            Dense(1, init="glorot"),
+        ],
+        LogisticLogLikelihood(),
+        data.input_shape,
+        backend=backend,
+        seed=0,
+        l2=0.1,
+    )
+    recorder = Recorder()
+    result = fit(
+        model,
+        GradientAscent(0.1),
+        data,
+        epochs=30,
+        batch_size=16,
+        log_every=4,
+        kernels_every=10,
+        tracker=recorder,
+        progress=False,
+    )
+    steps_per_epoch = 3  # 40 images in batches of 16
+    assert result.steps == 30 * steps_per_epoch
+    losses = recorder.histories["train_loss_step"]
+    assert [s for s, _ in losses] == list(range(1, result.steps + 1))
+    assert all(np.isfinite(v) for _, v in losses)
+    epochs = [m for m in recorder.metrics if "val_loss" in m[1]]
+    assert [s for s, _ in epochs] == list(range(1, 31))
+    assert epochs[-1][1]["train_loss"] < epochs[0][1]["train_loss"]
+    assert result.test["test_accuracy"] == 1.0
+    assert [(k, s) for k, s, _, _ in recorder.images] == [
+        ("kernels/conv1", s) for s in (0, 10, 20, 30)
+    ]
+    final = recorder.metrics[-1][1]
+    assert set(final) == {"test_loss", "test_accuracy", "images_per_second"}
+
+
+def test_evaluate_matches_direct_computation(backend, rng):
+    model = Sequential(
+        [Conv2D(2, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(3)],
+        SoftmaxCrossEntropy(),
+        (1, 6, 6),
+        backend=backend,
+        seed=1,
+        l2=0.5,
+    )
+    x, y = rng.standard_normal((37, 1, 6, 6)).astype(np.float32), rng.integers(0, 3, 37)
+    report = evaluate(model, x, y, batch_size=8)
+    logits = np.asarray(model.forward(x).get() if backend.is_gpu else model.forward(x), np.float64)
+    log_p = logits - logits.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    assert report["loss"] == pytest.approx(-log_p[np.arange(37), y].mean(), rel=1e-5)  # no L2 term
+    predicted = logits.argmax(1)
+    assert report["accuracy"] == pytest.approx((predicted == y).mean())
+    confusion = np.array(report["confusion"])
+    assert confusion.sum() == 37 and np.trace(confusion) == (predicted == y).sum()
+
+
+def test_fit_learns_digits_quickly(backend):
+    data = load_dataset("digits", seed=0)
+    model = Sequential(
+        [Conv2D(8, 3, padding="same"), ReLU(), MaxPool2D(2), Flatten(), Dense(10)],
+        SoftmaxCrossEntropy(),
+        data.input_shape,
+        backend=backend,
+        seed=0,
+    )
+    result = fit(model, Adam(0.005), data, epochs=3, batch_size=32, progress=False)
+    assert result.test["test_accuracy"] > 0.9
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            {"epochs": 0, "batch_size": 1, "log_every": 1},
+            "trainer.epochs must be an int >= 1, got 0",
+        ),
+        (
+            {"epochs": 1, "batch_size": 2.5, "log_every": 1},
+            "trainer.batch_size must be an int >= 1",
+        ),
+        ({"epochs": 1, "batch_size": 1, "log_every": 1, "kernels_every": -1}, "kernels_every must"),
+        ({"epochs": 1, "batch_size": 1, "log_every": 1, "l2": -0.1}, "trainer.l2 must be a number"),
+    ],
+)
+def test_trainer_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        check_trainer_settings(settings)
+
+
+def test_kernel_grid_layout():
+    weight = np.arange(2 * 3 * 2 * 2, dtype=float).reshape(2, 3, 2, 2)
+    grid = kernel_grid(weight, scale=4, gap=1)
+    assert grid.dtype == np.uint8 and grid.shape == (2 * 9 + 1, 3 * 9 + 1)
+    tile = grid[1:9, 1:9]  # kernel 0, channel 0, scaled to its own min..max
+    assert tile.min() == 0 and tile.max() == 255
+    flat = kernel_grid(np.ones((1, 1, 3, 3)))
+    assert (flat[1:-1, 1:-1] == 128).all()  # a constant kernel is mid-grey
