@@ -214,6 +214,8 @@ def array_module(*arrays: Any, **named: Any) -> Any:
     arrays raises a TypeError naming which argument is where: an implicit transfer
     would hide a bug and cost a synchronisation.
     """
+    if not named and all(type(a) is numpy.ndarray for a in arrays):
+        return numpy  # the common CPU case, kept cheap: it runs many times per step
     items = [(f"argument {i}", a) for i, a in enumerate(arrays)] + list(named.items())
     on_device = [label for label, a in items if _is_device_array(a)]
     on_host = [label for label, a in items if isinstance(a, numpy.ndarray)]

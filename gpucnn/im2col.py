@@ -19,18 +19,7 @@ from __future__ import annotations
 
 from gpucnn import cuda_kernels
 from gpucnn.backend import Array, array_module
-
-
-def window_slices(
-    i: int, j: int, out_h: int, out_w: int, stride_h: int, stride_w: int
-) -> tuple[slice, slice, slice, slice]:
-    """Index of the (C, OH, OW, N) slab of an internal image touched by kernel offset (i, j)."""
-    return (
-        slice(None),
-        slice(i, i + stride_h * (out_h - 1) + 1, stride_h),
-        slice(j, j + stride_w * (out_w - 1) + 1, stride_w),
-        slice(None),
-    )
+from gpucnn.ops import parallel_for, window_slices
 
 
 def output_size(size: int, window: int, stride: int) -> int:
@@ -46,9 +35,13 @@ def im2col(x: Array, kh: int, kw: int, sh: int, sw: int) -> Array:
     if xp.__name__ == "cupy":
         return cuda_kernels.im2col(x, kh, kw, sh, sw, oh, ow)
     col = xp.empty((c, kh, kw, oh, ow, n), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
+
+    def copy_offsets(start: int, stop: int) -> None:  # threads take disjoint offsets
+        for k in range(start, stop):
+            i, j = divmod(k, kw)
             col[:, i, j] = x[window_slices(i, j, oh, ow, sh, sw)]
+
+    parallel_for(xp, kh * kw, col.size, copy_offsets)
     return col
 
 
@@ -62,10 +55,37 @@ def col2im(col: Array, h: int, w: int, sh: int, sw: int) -> Array:
     if xp.__name__ == "cupy":
         return cuda_kernels.col2im(col, h, w, sh, sw)
     img = xp.zeros((c, h, w, n), dtype=col.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            img[window_slices(i, j, oh, ow, sh, sw)] += col[:, i, j]
+
+    def add_channels(start: int, stop: int) -> None:  # threads take disjoint channels
+        part, source = img[start:stop], col[start:stop]
+        for i in range(kh):
+            for j in range(kw):
+                part[window_slices(i, j, oh, ow, sh, sw)] += source[:, i, j]
+
+    parallel_for(xp, c, col.size, add_channels)
     return img
+
+
+GEMM_CHUNK = 4096
+
+
+def matmul_nt(a: Array, b: Array) -> Array:
+    """``a @ b.T`` for a (M, L) and b (K, L) with a long inner dimension L.
+
+    A convolution's weight gradient is such a product: M and K are small (kernels and
+    kernel entries) while L = OH*OW*N runs to 10^5 or more. OpenBLAS runs that shape at
+    a fraction of its speed. Computing ``(b @ a.T).T`` summed over 4096-column chunks
+    measured 1.5-3x faster on a 2-core CPU for every conv shape we tried. cuBLAS has
+    no such problem, so CuPy gets one call.
+    """
+    xp = array_module(a, b)
+    length = a.shape[1]
+    if xp.__name__ == "cupy" or length <= GEMM_CHUNK:
+        return a @ b.T
+    out = b[:, :GEMM_CHUNK] @ a[:, :GEMM_CHUNK].T
+    for start in range(GEMM_CHUNK, length, GEMM_CHUNK):
+        out += b[:, start : start + GEMM_CHUNK] @ a[:, start : start + GEMM_CHUNK].T
+    return out.T
 
 
 def pad_internal(x: Array, pads: tuple[int, int, int, int]) -> Array:

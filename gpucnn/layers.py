@@ -20,11 +20,19 @@ from gpucnn.im2col import (
     col2im,
     im2col,
     internal_to_nchw,
+    matmul_nt,
     nchw_to_internal,
     output_size,
     pad_internal,
     unpad_internal,
-    window_slices,
+)
+from gpucnn.ops import (
+    max_pool,
+    max_pool_backward,
+    relu,
+    relu_backward,
+    spread_pool_grad,
+    sum_pool,
 )
 
 INITS = ("he", "glorot")
@@ -269,7 +277,8 @@ class Conv2D(Layer):
         xp = array_module(grad_out)
         p = self.out_channels
         grad_mat = grad_out.reshape(p, -1)  # (P, OH*OW*N)
-        grad_k = (grad_mat @ col.reshape(kmat.shape[1], -1).T).reshape(self.params["weight"].shape)
+        grad_k = matmul_nt(grad_mat, col.reshape(kmat.shape[1], -1))
+        grad_k = grad_k.reshape(self.params["weight"].shape)
         if self.mode == "convolution":
             grad_k = grad_k[:, :, ::-1, ::-1]
         self.grads["weight"] = xp.ascontiguousarray(grad_k)
@@ -331,36 +340,17 @@ class Pool2D(Layer):
             )
         return (c, output_size(h, qh, self.stride[0]), output_size(w, qw, self.stride[1]))
 
-    def _offsets(self) -> list[tuple[int, int]]:
-        return [(i, j) for i in range(self.window[0]) for j in range(self.window[1])]
-
-    def _slices(self, i: int, j: int) -> tuple[slice, ...]:
-        _, oh, ow = self.out_shape
-        return window_slices(i, j, oh, ow, *self.stride)
-
     def _forward(self, x: Array) -> Array:
         xp = array_module(x)
-        offsets = self._offsets()
+        out_hw = self.out_shape[1:]
         if self.pool_kind == "max":
-            # Track the winning offset per window (first maximum wins ties) so backward
-            # routes each gradient to exactly one input.
-            best = x[self._slices(*offsets[0])].copy()
-            index_dtype = "uint8" if len(offsets) < 256 else "int32"
-            winner = xp.zeros(best.shape, dtype=index_dtype)
-            for k, (i, j) in enumerate(offsets[1:], start=1):
-                window = x[self._slices(i, j)]
-                better = window > best
-                xp.copyto(best, window, where=better)
-                xp.copyto(winner, k, where=better)
-            self._cache = (x.shape, winner)
+            best = max_pool(x, self.window, self.stride, out_hw)
+            self._cache = (x, best)  # backward finds the winners again from these
             return best
-        total = xp.zeros((x.shape[0],) + tuple(self.out_shape[1:]) + (x.shape[3],), x.dtype)
-        for i, j in offsets:
-            window = x[self._slices(i, j)]
-            total += window * window if self.pool_kind == "l2" else window
+        total = sum_pool(x, self.window, self.stride, out_hw, square=self.pool_kind == "l2")
         if self.pool_kind == "avg":
             self._cache = (x.shape,)
-            return total * (1.0 / len(offsets))
+            return total * (1.0 / (self.window[0] * self.window[1]))
         norm = xp.sqrt(total)
         self._cache = (x, norm)
         return norm
@@ -369,28 +359,18 @@ class Pool2D(Layer):
         if not need_input_grad:
             return None
         xp = array_module(grad_out)
-        offsets = self._offsets()
         if self.pool_kind == "max":
-            x_shape, winner = self._cache
-            grad_in = xp.zeros(x_shape, dtype=grad_out.dtype)
-            for k, (i, j) in enumerate(offsets):
-                grad_in[self._slices(i, j)] += grad_out * (winner == k)
-            return grad_in
+            x, best = self._cache
+            return max_pool_backward(x, best, grad_out, self.window, self.stride)
         if self.pool_kind == "avg":
             (x_shape,) = self._cache
-            grad_in = xp.zeros(x_shape, dtype=grad_out.dtype)
-            share = grad_out * (1.0 / len(offsets))
-            for i, j in offsets:
-                grad_in[self._slices(i, j)] += share
-            return grad_in
+            share = grad_out * (1.0 / (self.window[0] * self.window[1]))
+            return spread_pool_grad(share, x_shape, self.window, self.stride)
+        # d sqrt(s) / dx = x / sqrt(s); taken as 0 where the window is all zeros.
         x, norm = self._cache
         nonzero = norm > 0
         scale = xp.where(nonzero, grad_out / xp.where(nonzero, norm, 1), 0)
-        grad_in = xp.zeros(x.shape, dtype=grad_out.dtype)
-        for i, j in offsets:
-            sl = self._slices(i, j)
-            grad_in[sl] += scale * x[sl]
-        return grad_in
+        return spread_pool_grad(scale, x.shape, self.window, self.stride, x=x)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -565,13 +545,12 @@ class ReLU(Activation):
     kind = "relu"
 
     def _forward(self, x: Array) -> Array:
-        xp = array_module(x)
-        positive = x > 0
-        self._cache = positive
-        return xp.maximum(x, 0)
+        y = relu(x)
+        self._cache = y  # y > 0 exactly where x > 0: no separate mask pass
+        return y
 
     def _backward(self, grad_out: Array, need_input_grad: bool = True) -> Array | None:
-        return grad_out * self._cache if need_input_grad else None
+        return relu_backward(grad_out, self._cache) if need_input_grad else None
 
 
 LAYER_TYPES: dict[str, type[Layer]] = {

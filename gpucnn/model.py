@@ -86,6 +86,7 @@ class Sequential:
             shape = layer.build(shape, self.backend, rng, self.dtype)
         self.output_shape = shape
         head.check_outputs(shape)
+        self.execution_order = plan_execution(self.layers)
         self.grads: dict[str, Array] = {}
         self._loss_ready = False
 
@@ -146,8 +147,8 @@ class Sequential:
     def forward(self, x: Any) -> Array:
         """The head's input (logits / net) for a batch, shape (N,) + output_shape."""
         h = self._prepare_input(x)
-        for layer in self.layers:
-            h = layer._forward(h)
+        for index in self.execution_order:
+            h = self.layers[index]._forward(h)
         return h
 
     def loss(self, x: Any, labels: Any, penalty: bool = True) -> Array:
@@ -174,9 +175,10 @@ class Sequential:
         if not self._loss_ready:
             raise RuntimeError("call loss(x, labels) before backward()")
         grad = self.head.backward()
-        for index in range(len(self.layers) - 1, -1, -1):
+        order = self.execution_order
+        for position in range(len(order) - 1, -1, -1):
             # The first layer's input gradient is never used: skip its col2im.
-            grad = self.layers[index]._backward(grad, need_input_grad=index > 0)
+            grad = self.layers[order[position]]._backward(grad, need_input_grad=position > 0)
         grads = {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.grads.items()}
         if self.l2:
             params = self.params
@@ -228,6 +230,23 @@ class Sequential:
 
     def save(self, path: str | os.PathLike, optimizer: Optimizer | None = None) -> Path:
         return save_checkpoint(path, self, optimizer)
+
+
+def plan_execution(layers: list[Layer]) -> list[int]:
+    """The order in which to run the layers: their own order, except that a ReLU directly
+    followed by a max pool runs after the pool.
+
+    relu(max(window)) == max(relu(window)) exactly, and the gradients agree too: when a
+    window's maximum is <= 0 both orders give it zero gradient, otherwise both route it to
+    the window's first maximum. Pooling first makes the ReLU's two passes 4x smaller
+    after a 2x2 pool.
+    """
+    order = list(range(len(layers)))
+    for k in range(len(order) - 1):
+        first, second = layers[order[k]], layers[order[k + 1]]
+        if first.kind == "relu" and second.kind == "pool" and second.pool_kind == "max":
+            order[k], order[k + 1] = order[k + 1], order[k]
+    return order
 
 
 def save_checkpoint(

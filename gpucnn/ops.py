@@ -1,0 +1,199 @@
+"""Array-layer primitives for pooling and ReLU on the internal (C, H, W, N) layout, and
+the thread pool that runs NumPy's single-threaded passes on every core.
+
+NumPy releases the GIL inside its loops, so disjoint parts of one array can be processed
+by several threads at once. Each primitive splits its work along an axis where the
+parts never write the same memory: channels for pooling, the flat array for ReLU, kernel
+offsets for im2col. Arrays below ``PARALLEL_MIN_ELEMENTS`` stay on one thread, because a
+hand-off costs tens of microseconds. CuPy arrays always take the single-call path.
+
+``GPUCNN_THREADS`` sets the pool size. The default is 1 (off): on the 2-core machines we
+measured, OpenBLAS's own threads keep both cores busy around each GEMM, and a second
+pool made a LeNet step 10-40% slower (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from gpucnn.backend import Array, array_module
+
+THREADS = max(1, int(os.environ.get("GPUCNN_THREADS", "1")))
+PARALLEL_MIN_ELEMENTS = 1 << 16
+_EXECUTOR: list[ThreadPoolExecutor] = []
+
+
+def _executor() -> ThreadPoolExecutor:
+    if not _EXECUTOR:
+        _EXECUTOR.append(ThreadPoolExecutor(THREADS, thread_name_prefix="gpucnn"))
+    return _EXECUTOR[0]
+
+
+def parallel_for(xp: Any, count: int, work: int, body: Callable[[int, int], None]) -> None:
+    """Run ``body(start, stop)`` over ``range(count)`` in up to THREADS contiguous parts.
+
+    ``work`` is the number of elements touched, deciding whether threads pay off. The
+    parts must write disjoint memory.
+    """
+    parts = min(THREADS, count)
+    if parts <= 1 or work < PARALLEL_MIN_ELEMENTS or xp.__name__ == "cupy":
+        body(0, count)
+        return
+    bounds = [count * k // parts for k in range(parts + 1)]
+    futures = [_executor().submit(body, bounds[k], bounds[k + 1]) for k in range(1, parts)]
+    body(bounds[0], bounds[1])
+    for future in futures:
+        future.result()
+
+
+def window_slices(
+    i: int, j: int, out_h: int, out_w: int, stride_h: int, stride_w: int
+) -> tuple[slice, slice, slice, slice]:
+    """Index of the (C, OH, OW, N) slab of an internal image touched by kernel offset (i, j)."""
+    return (
+        slice(None),
+        slice(i, i + stride_h * (out_h - 1) + 1, stride_h),
+        slice(j, j + stride_w * (out_w - 1) + 1, stride_w),
+        slice(None),
+    )
+
+
+def _offsets(window: tuple[int, int]) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(window[0]) for j in range(window[1])]
+
+
+def _channel_split(x: Array, body: Callable[[slice], None]) -> None:
+    """Run ``body(channel_slice)`` over the channels of (C, ...) arrays, in parallel."""
+    parallel_for(array_module(x), x.shape[0], x.size, lambda a, b: body(slice(a, b)))
+
+
+def max_pool(
+    x: Array, window: tuple[int, int], stride: tuple[int, int], out_hw: tuple[int, int]
+) -> Array:
+    """Max over each window: one elementwise maximum per kernel offset."""
+    xp = array_module(x)
+    offsets = _offsets(window)
+    out = xp.empty((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
+
+    def body(ch: slice) -> None:
+        part = x[ch]
+        best = out[ch]
+        best[...] = part[window_slices(*offsets[0], *out_hw, *stride)]
+        for i, j in offsets[1:]:
+            xp.maximum(best, part[window_slices(i, j, *out_hw, *stride)], out=best)
+
+    _channel_split(x, body)
+    return out
+
+
+def max_pool_backward(
+    x: Array, best: Array, grad_out: Array, window: tuple[int, int], stride: tuple[int, int]
+) -> Array:
+    """Route each window's gradient to its first maximum (row-major window order), so
+    ties never duplicate it. Winners are recomputed from the cached input and output."""
+    xp = array_module(x, best, grad_out)
+    out_hw = best.shape[1:3]
+    disjoint = stride[0] >= window[0] and stride[1] >= window[1]
+    grad_in = (xp.empty if disjoint and _covers(x.shape, window, stride, out_hw) else xp.zeros)(
+        x.shape, dtype=grad_out.dtype
+    )
+
+    def body(ch: slice) -> None:
+        part, top, grad, target = x[ch], best[ch], grad_out[ch], grad_in[ch]
+        routed = xp.zeros(top.shape, dtype=bool)
+        for i, j in _offsets(window):
+            sl = window_slices(i, j, *out_hw, *stride)
+            hit = part[sl] == top
+            hit &= ~routed
+            routed |= hit
+            if disjoint:  # each input pixel lies in at most one window: write, don't add
+                xp.multiply(grad, hit, out=target[sl])
+            else:
+                target[sl] += grad * hit
+
+    _channel_split(x, body)
+    return grad_in
+
+
+def _covers(
+    shape: tuple[int, ...],
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    out_hw: tuple[int, ...],
+) -> bool:
+    """Whether disjoint windows tile the whole input (so every pixel gets written)."""
+    return (
+        stride == window and out_hw[0] * window[0] == shape[1] and out_hw[1] * window[1] == shape[2]
+    )
+
+
+def sum_pool(
+    x: Array,
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    out_hw: tuple[int, int],
+    square: bool,
+) -> Array:
+    """Sum (of squares, if ``square``) over each window."""
+    xp = array_module(x)
+    out = xp.zeros((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
+
+    def body(ch: slice) -> None:
+        part, total = x[ch], out[ch]
+        for i, j in _offsets(window):
+            values = part[window_slices(i, j, *out_hw, *stride)]
+            total += values * values if square else values
+
+    _channel_split(x, body)
+    return out
+
+
+def spread_pool_grad(
+    grad_window: Array,
+    x_shape: tuple[int, ...],
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    x: Array | None = None,
+) -> Array:
+    """Backward of :func:`sum_pool`: each window's gradient added to all its pixels,
+    times the pixel itself when ``x`` is given (the L2 case, with the 1/norm factor
+    already folded into ``grad_window``)."""
+    xp = array_module(grad_window)
+    out_hw = grad_window.shape[1:3]
+    grad_in = xp.zeros(x_shape, dtype=grad_window.dtype)
+
+    def body(ch: slice) -> None:
+        grad, target = grad_window[ch], grad_in[ch]
+        for i, j in _offsets(window):
+            sl = window_slices(i, j, *out_hw, *stride)
+            target[sl] += grad if x is None else grad * x[ch][sl]
+
+    _channel_split(grad_in, body)
+    return grad_in
+
+
+def relu(x: Array) -> Array:
+    xp = array_module(x)
+    out = xp.empty_like(x)
+    flat_in, flat_out = x.reshape(-1), out.reshape(-1)
+    parallel_for(
+        xp, flat_in.size, flat_in.size, lambda a, b: xp.maximum(flat_in[a:b], 0, out=flat_out[a:b])
+    )
+    return out
+
+
+def relu_backward(grad_out: Array, y: Array) -> Array:
+    """grad * (y > 0), where y is the ReLU output (positive exactly where the input was)."""
+    xp = array_module(grad_out, y)
+    grad_out = xp.ascontiguousarray(grad_out)
+    out = xp.empty_like(grad_out)
+    g, yy, o = grad_out.reshape(-1), y.reshape(-1), out.reshape(-1)
+
+    def body(a: int, b: int) -> None:
+        xp.multiply(g[a:b], yy[a:b] > 0, out=o[a:b])
+
+    parallel_for(xp, g.size, g.size, body)
+    return out
