@@ -94,3 +94,131 @@ def col2im(col: Array, h: int, w: int, sh: int, sw: int) -> Array:
     img = cupy.empty((c, h, w, n), dtype=col.dtype)
     _kernels()[1](col, h, w, n, kh, kw, oh, ow, sh, sw, img)
     return img
+
+
+# -- max pooling: one launch forward (saving the winning offset), one backward ----------
+_MAXPOOL = r"""
+    const ptrdiff_t n = i % N;
+    ptrdiff_t t = i / N;
+    const int ox = t % OW; t /= OW;
+    const int oy = t % OH;
+    const ptrdiff_t c = t / OH;
+    const ptrdiff_t base = ((c * H + oy * SH) * W + ox * SW) * N + n;
+    T top = img[base];
+    int winner = 0;
+    for (int qi = 0; qi < QH; ++qi) {
+        for (int qj = 0; qj < QW; ++qj) {
+            const T v = img[base + ((ptrdiff_t)qi * W + qj) * N];
+            if (v > top) { top = v; winner = qi * QW + qj; }  // first maximum wins ties
+        }
+    }
+    out = top;
+    arg = winner;
+"""
+
+_MAXPOOL_BACKWARD = r"""
+    const ptrdiff_t n = i % N;
+    ptrdiff_t t = i / N;
+    const int x_ = t % W; t /= W;
+    const int y = t % H;
+    const ptrdiff_t c = t / H;
+    T acc = 0;
+    for (int qi = 0; qi < QH; ++qi) {
+        const int dy = y - qi;
+        if (dy < 0) break;
+        if (dy % SH) continue;
+        const int oy = dy / SH;
+        if (oy >= OH) continue;
+        for (int qj = 0; qj < QW; ++qj) {
+            const int dx = x_ - qj;
+            if (dx < 0) break;
+            if (dx % SW) continue;
+            const int ox = dx / SW;
+            if (ox >= OW) continue;
+            const ptrdiff_t o = ((c * OH + oy) * OW + ox) * N + n;
+            if (arg[o] == qi * QW + qj) acc += grad[o];
+        }
+    }
+    img_grad = acc;
+"""
+
+_POOL_PARAMS = (
+    "int32 H, int32 W, int32 N, int32 OH, int32 OW, int32 QH, int32 QW, int32 SH, int32 SW"
+)
+
+
+@cache
+def _pool_kernels() -> tuple[Any, Any]:
+    cupy = _cupy()
+    forward = cupy.ElementwiseKernel(
+        f"raw T img, {_POOL_PARAMS}", "T out, int32 arg", _MAXPOOL, "gpucnn_maxpool"
+    )
+    backward = cupy.ElementwiseKernel(
+        f"raw T grad, raw int32 arg, {_POOL_PARAMS}",
+        "T img_grad",
+        _MAXPOOL_BACKWARD,
+        "gpucnn_maxpool_backward",
+    )
+    return forward, backward
+
+
+def max_pool(
+    x: Array, window: tuple[int, int], stride: tuple[int, int], out_hw: tuple[int, int]
+) -> tuple[Array, Array]:
+    """(C, H, W, N) -> (max over windows, index of the winning offset per window)."""
+    cupy = _cupy()
+    c, h, w, n = x.shape
+    x = cupy.ascontiguousarray(x)
+    out = cupy.empty((c, *out_hw, n), dtype=x.dtype)
+    arg = cupy.empty((c, *out_hw, n), dtype=cupy.int32)
+    _pool_kernels()[0](x, h, w, n, *out_hw, *window, *stride, out, arg)
+    return out, arg
+
+
+def max_pool_backward(
+    arg: Array,
+    grad_out: Array,
+    x_shape: tuple[int, ...],
+    window: tuple[int, int],
+    stride: tuple[int, int],
+) -> Array:
+    cupy = _cupy()
+    c, h, w, n = x_shape
+    grad_out = cupy.ascontiguousarray(grad_out)
+    grad_in = cupy.empty(x_shape, dtype=grad_out.dtype)
+    _pool_kernels()[1](grad_out, arg, h, w, n, *arg.shape[1:3], *window, *stride, grad_in)
+    return grad_in
+
+
+# -- fused elementwise updates ------------------------------------------------------------
+@cache
+def _elementwise() -> dict[str, Any]:
+    cupy = _cupy()
+    return {
+        "relu_backward": cupy.ElementwiseKernel(
+            "T grad, T y", "T out", "out = y > (T)0 ? grad : (T)0", "gpucnn_relu_backward"
+        ),
+        "sgd": cupy.ElementwiseKernel(
+            "T grad, T lr", "T param", "param -= lr * grad", "gpucnn_sgd"
+        ),
+        "momentum": cupy.ElementwiseKernel(
+            "T grad, T lr, T mu",
+            "T param, T velocity",
+            "velocity = mu * velocity - lr * grad; param += velocity",
+            "gpucnn_momentum",
+        ),
+        "adam": cupy.ElementwiseKernel(
+            "T grad, T step, T beta1, T beta2, T eps",
+            "T param, T m, T v",
+            """
+            m = beta1 * m + ((T)1 - beta1) * grad;
+            v = beta2 * v + ((T)1 - beta2) * grad * grad;
+            param -= step * m / (sqrt(v) + eps);
+            """,
+            "gpucnn_adam",
+        ),
+    }
+
+
+def elementwise(name: str) -> Any:
+    return _elementwise()[name]

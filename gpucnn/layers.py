@@ -344,8 +344,8 @@ class Pool2D(Layer):
         xp = array_module(x)
         out_hw = self.out_shape[1:]
         if self.pool_kind == "max":
-            best = max_pool(x, self.window, self.stride, out_hw)
-            self._cache = (x, best)  # backward finds the winners again from these
+            best, saved = max_pool(x, self.window, self.stride, out_hw)
+            self._cache = saved
             return best
         total = sum_pool(x, self.window, self.stride, out_hw, square=self.pool_kind == "l2")
         if self.pool_kind == "avg":
@@ -360,8 +360,7 @@ class Pool2D(Layer):
             return None
         xp = array_module(grad_out)
         if self.pool_kind == "max":
-            x, best = self._cache
-            return max_pool_backward(x, best, grad_out, self.window, self.stride)
+            return max_pool_backward(self._cache, grad_out, self.window, self.stride)
         if self.pool_kind == "avg":
             (x_shape,) = self._cache
             share = grad_out * (1.0 / (self.window[0] * self.window[1]))

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from gpucnn import cuda_kernels
 from gpucnn.backend import Array, array_module
 
 THREADS = max(1, int(os.environ.get("GPUCNN_THREADS", "1")))
@@ -70,11 +71,22 @@ def _channel_split(x: Array, body: Callable[[slice], None]) -> None:
     parallel_for(array_module(x), x.shape[0], x.size, lambda a, b: body(slice(a, b)))
 
 
+def _is_gpu(xp: Any) -> bool:
+    return xp.__name__ == "cupy"
+
+
 def max_pool(
     x: Array, window: tuple[int, int], stride: tuple[int, int], out_hw: tuple[int, int]
-) -> Array:
-    """Max over each window: one elementwise maximum per kernel offset."""
+) -> tuple[Array, Any]:
+    """Max over each window. Returns (output, what max_pool_backward needs).
+
+    NumPy: one elementwise maximum per kernel offset; backward finds the winners again
+    from the input and output. CuPy: one kernel that also saves each window's winner.
+    """
     xp = array_module(x)
+    if _is_gpu(xp):
+        out, arg = cuda_kernels.max_pool(x, window, stride, out_hw)
+        return out, (x.shape, arg)
     offsets = _offsets(window)
     out = xp.empty((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
 
@@ -86,15 +98,19 @@ def max_pool(
             xp.maximum(best, part[window_slices(i, j, *out_hw, *stride)], out=best)
 
     _channel_split(x, body)
-    return out
+    return out, (x, out)
 
 
 def max_pool_backward(
-    x: Array, best: Array, grad_out: Array, window: tuple[int, int], stride: tuple[int, int]
+    saved: Any, grad_out: Array, window: tuple[int, int], stride: tuple[int, int]
 ) -> Array:
     """Route each window's gradient to its first maximum (row-major window order), so
-    ties never duplicate it. Winners are recomputed from the cached input and output."""
-    xp = array_module(x, best, grad_out)
+    ties never duplicate it."""
+    xp = array_module(grad_out)
+    if _is_gpu(xp):
+        x_shape, arg = saved
+        return cuda_kernels.max_pool_backward(arg, grad_out, x_shape, window, stride)
+    x, best = saved
     out_hw = best.shape[1:3]
     disjoint = stride[0] >= window[0] and stride[1] >= window[1]
     grad_in = (xp.empty if disjoint and _covers(x.shape, window, stride, out_hw) else xp.zeros)(
@@ -188,6 +204,8 @@ def relu(x: Array) -> Array:
 def relu_backward(grad_out: Array, y: Array) -> Array:
     """grad * (y > 0), where y is the ReLU output (positive exactly where the input was)."""
     xp = array_module(grad_out, y)
+    if _is_gpu(xp):
+        return cuda_kernels.elementwise("relu_backward")(grad_out, y)
     grad_out = xp.ascontiguousarray(grad_out)
     out = xp.empty_like(grad_out)
     g, yy, o = grad_out.reshape(-1), y.reshape(-1), out.reshape(-1)
@@ -197,3 +215,51 @@ def relu_backward(grad_out: Array, y: Array) -> Array:
 
     parallel_for(xp, g.size, g.size, body)
     return out
+
+
+# -- optimizer updates, in place (one fused kernel per parameter on the GPU) -------------
+def sgd_update(param: Array, grad: Array, lr: float) -> None:
+    """param <- param - lr * grad."""
+    if _is_gpu(array_module(param, grad)):
+        cuda_kernels.elementwise("sgd")(grad, param.dtype.type(lr), param)
+        return
+    param -= lr * grad
+
+
+def momentum_update(param: Array, grad: Array, velocity: Array, lr: float, mu: float) -> None:
+    """velocity <- mu velocity - lr grad; param <- param + velocity."""
+    if _is_gpu(array_module(param, grad, velocity)):
+        dtype = param.dtype.type
+        cuda_kernels.elementwise("momentum")(grad, dtype(lr), dtype(mu), param, velocity)
+        return
+    velocity *= mu
+    velocity -= lr * grad
+    param += velocity
+
+
+def adam_update(
+    param: Array,
+    grad: Array,
+    m: Array,
+    v: Array,
+    step: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """m, v <- moving averages of grad, grad^2; param <- param - step m / (sqrt(v) + eps).
+
+    ``step`` and ``eps`` already carry Adam's bias corrections (see optim.Adam).
+    """
+    xp = array_module(param, grad, m, v)
+    if _is_gpu(xp):
+        dtype = param.dtype.type
+        cuda_kernels.elementwise("adam")(
+            grad, dtype(step), dtype(beta1), dtype(beta2), dtype(eps), param, m, v
+        )
+        return
+    m *= beta1
+    m += (1.0 - beta1) * grad
+    v *= beta2
+    v += (1.0 - beta2) * (grad * grad)
+    param -= step * m / (xp.sqrt(v) + eps)

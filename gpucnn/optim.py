@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from gpucnn.backend import Array, array_module
+from gpucnn.ops import adam_update, momentum_update, sgd_update
 
 
 def _positive(value: Any, what: str) -> float:
@@ -80,7 +81,7 @@ class GradientAscent(Optimizer):
     kind = "ascent"
 
     def _update(self, name: str, param: Array, grad: Array) -> None:
-        param -= self.lr * grad  # dJ/dtheta = -dL/dtheta
+        sgd_update(param, grad, self.lr)  # theta - lr dL/dtheta = theta + lr dJ/dtheta
 
 
 class Momentum(Optimizer):
@@ -94,9 +95,7 @@ class Momentum(Optimizer):
 
     def _update(self, name: str, param: Array, grad: Array) -> None:
         velocity = self._buffer("velocity", name, param)
-        velocity *= self.momentum
-        velocity -= self.lr * grad
-        param += velocity
+        momentum_update(param, grad, velocity, self.lr, self.momentum)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "momentum": self.momentum}
@@ -116,19 +115,16 @@ class Adam(Optimizer):
         self.eps = _positive(eps, "eps")
 
     def _update(self, name: str, param: Array, grad: Array) -> None:
-        xp = array_module(param, grad)
         m = self._buffer("m", name, param)
         v = self._buffer("v", name, param)
-        m *= self.beta1
-        m += (1.0 - self.beta1) * grad
-        v *= self.beta2
-        v += (1.0 - self.beta2) * (grad * grad)
-        # Bias corrections folded into the step size and epsilon (Python floats: no
-        # dtype promotion of float32 parameters).
+        # Bias corrections folded into the step size and epsilon, so the update is
+        # lr * m_hat / (sqrt(v_hat) + eps) with m_hat = m / c1, v_hat = v / c2.
         correction1 = 1.0 - self.beta1**self.steps
         correction2 = 1.0 - self.beta2**self.steps
         step = self.lr * math.sqrt(correction2) / correction1
-        param -= step * m / (xp.sqrt(v) + self.eps * math.sqrt(correction2))
+        adam_update(
+            param, grad, m, v, step, self.beta1, self.beta2, self.eps * math.sqrt(correction2)
+        )
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
