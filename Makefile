@@ -32,5 +32,12 @@ train: $(STAMP)
 explain: $(STAMP)
 	$(PY) -m gpucnn.explain
 
+# Full side-by-side benchmark (install torch for the reference: make venv EXTRAS=dev,train,bench).
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py --json runs/bench/latest.json
+
+bench-smoke: $(STAMP)
+	$(PY) benchmarks/bench.py --quick
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

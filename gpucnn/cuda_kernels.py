@@ -24,8 +24,8 @@ _IM2COL = r"""
     const int kj = t % KW; t /= KW;
     const int ki = t % KH;
     const ptrdiff_t c = t / KH;
-    const int y = oy * SH + ki;
-    const int x_ = ox * SW + kj;
+    const int y = oy * SH + (FLIP ? KH - 1 - ki : ki);
+    const int x_ = ox * SW + (FLIP ? KW - 1 - kj : kj);
     col = img[((c * H + y) * W + x_) * N + n];
 """
 
@@ -48,13 +48,18 @@ _COL2IM = r"""
             if (dx % SW) continue;
             const int ox = dx / SW;
             if (ox >= OW) continue;
-            acc += col[((((c * KH + ki) * KW + kj) * OH + oy) * OW + ox) * N + n];
+            const int si = FLIP ? KH - 1 - ki : ki;  // the slot that holds this offset
+            const int sj = FLIP ? KW - 1 - kj : kj;
+            acc += col[((((c * KH + si) * KW + sj) * OH + oy) * OW + ox) * N + n];
         }
     }
     img = acc;
 """
 
-_PARAMS = "int32 H, int32 W, int32 N, int32 KH, int32 KW, int32 OH, int32 OW, int32 SH, int32 SW"
+_PARAMS = (
+    "int32 H, int32 W, int32 N, int32 KH, int32 KW, int32 OH, int32 OW, int32 SH, int32 SW, "
+    "int32 FLIP"
+)
 
 
 def _cupy() -> Any:
@@ -76,23 +81,25 @@ def _kernels() -> tuple[Any, Any]:
     return im2col_kernel, col2im_kernel
 
 
-def im2col(x: Array, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int) -> Array:
+def im2col(
+    x: Array, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int, flip: bool = False
+) -> Array:
     """(C, H, W, N) -> (C, KH, KW, OH, OW, N) in one launch."""
     cupy = _cupy()
     c, h, w, n = x.shape
     x = cupy.ascontiguousarray(x)
     col = cupy.empty((c, kh, kw, oh, ow, n), dtype=x.dtype)
-    _kernels()[0](x, h, w, n, kh, kw, oh, ow, sh, sw, col)
+    _kernels()[0](x, h, w, n, kh, kw, oh, ow, sh, sw, int(flip), col)
     return col
 
 
-def col2im(col: Array, h: int, w: int, sh: int, sw: int) -> Array:
+def col2im(col: Array, h: int, w: int, sh: int, sw: int, flip: bool = False) -> Array:
     """(C, KH, KW, OH, OW, N) -> (C, H, W, N), summing overlaps, in one launch."""
     cupy = _cupy()
     c, kh, kw, oh, ow, n = col.shape
     col = cupy.ascontiguousarray(col)
     img = cupy.empty((c, h, w, n), dtype=col.dtype)
-    _kernels()[1](col, h, w, n, kh, kw, oh, ow, sh, sw, img)
+    _kernels()[1](col, h, w, n, kh, kw, oh, ow, sh, sw, int(flip), img)
     return img
 
 

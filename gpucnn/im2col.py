@@ -27,40 +27,47 @@ def output_size(size: int, window: int, stride: int) -> int:
     return (size - window) // stride + 1
 
 
-def im2col(x: Array, kh: int, kw: int, sh: int, sw: int) -> Array:
-    """Unfold windows: (C, H, W, N) -> (C, KH, KW, OH, OW, N), a fresh contiguous array."""
+def im2col(x: Array, kh: int, kw: int, sh: int, sw: int, flip: bool = False) -> Array:
+    """Unfold windows: (C, H, W, N) -> (C, KH, KW, OH, OW, N), a fresh contiguous array.
+
+    With ``flip``, slot (i, j) holds the pixel at window offset (KH-1-i, KW-1-j), so that
+    ``K @ col`` is the true convolution with an unflipped K (no flipped copy of K needed).
+    """
     xp = array_module(x)
     c, h, w, n = x.shape
     oh, ow = output_size(h, kh, sh), output_size(w, kw, sw)
     if xp.__name__ == "cupy":
-        return cuda_kernels.im2col(x, kh, kw, sh, sw, oh, ow)
+        return cuda_kernels.im2col(x, kh, kw, sh, sw, oh, ow, flip)
     col = xp.empty((c, kh, kw, oh, ow, n), dtype=x.dtype)
 
     def copy_offsets(start: int, stop: int) -> None:  # threads take disjoint offsets
         for k in range(start, stop):
             i, j = divmod(k, kw)
-            col[:, i, j] = x[window_slices(i, j, oh, ow, sh, sw)]
+            si, sj = (kh - 1 - i, kw - 1 - j) if flip else (i, j)
+            col[:, i, j] = x[window_slices(si, sj, oh, ow, sh, sw)]
 
     parallel_for(xp, kh * kw, col.size, copy_offsets)
     return col
 
 
-def col2im(col: Array, h: int, w: int, sh: int, sw: int) -> Array:
+def col2im(col: Array, h: int, w: int, sh: int, sw: int, flip: bool = False) -> Array:
     """Fold windows back, summing overlaps: (C, KH, KW, OH, OW, N) -> (C, H, W, N).
 
-    The adjoint of :func:`im2col`: pixels not covered by any window get zero.
+    The adjoint of :func:`im2col` (with the same ``flip``): pixels not covered by any
+    window get zero.
     """
     xp = array_module(col)
     c, kh, kw, oh, ow, n = col.shape
     if xp.__name__ == "cupy":
-        return cuda_kernels.col2im(col, h, w, sh, sw)
+        return cuda_kernels.col2im(col, h, w, sh, sw, flip)
     img = xp.zeros((c, h, w, n), dtype=col.dtype)
 
     def add_channels(start: int, stop: int) -> None:  # threads take disjoint channels
         part, source = img[start:stop], col[start:stop]
         for i in range(kh):
             for j in range(kw):
-                part[window_slices(i, j, oh, ow, sh, sw)] += source[:, i, j]
+                si, sj = (kh - 1 - i, kw - 1 - j) if flip else (i, j)
+                part[window_slices(si, sj, oh, ow, sh, sw)] += source[:, i, j]
 
     parallel_for(xp, c, col.size, add_channels)
     return img

@@ -251,44 +251,37 @@ class Conv2D(Layer):
             self.params["bias"] = backend.zeros((p,), dtype)
         return (p, output_size(hp, kh, self.stride[0]), output_size(wp, kw, self.stride[1]))
 
-    def _kernel_matrix(self) -> Array:
-        """The weights as slid over the input: flipped for true convolution, (P, C*KH*KW)."""
-        k = self.params["weight"]
-        if self.mode == "convolution":
-            k = k[:, :, ::-1, ::-1]
-        return k.reshape(k.shape[0], -1)
-
     def _forward(self, x: Array) -> Array:
-        c, h, w, n = x.shape
+        n = x.shape[3]
         kh, kw = self.kernel_size
-        sh, sw = self.stride
+        # True convolution flips the kernel; im2col reads the windows flipped instead, so
+        # the weights are used as stored (no flipped copy of K, in forward or backward).
+        flip = self.mode == "convolution"
         x_padded = pad_internal(x, self.pads)
-        col = im2col(x_padded, kh, kw, sh, sw)  # (C, KH, KW, OH, OW, N)
+        col = im2col(x_padded, kh, kw, *self.stride, flip=flip)  # (C, KH, KW, OH, OW, N)
         _, _, _, oh, ow, _ = col.shape
-        kmat = self._kernel_matrix()
+        kmat = self.params["weight"].reshape(self.out_channels, -1)  # (P, C*KH*KW), a view
         out = kmat @ col.reshape(kmat.shape[1], -1)  # (P, OH*OW*N)
         if self.bias:
             out += self.params["bias"][:, None]
-        self._cache = (col, kmat, x_padded.shape)
+        self._cache = (col, x_padded.shape)
         return out.reshape(self.out_channels, oh, ow, n)
 
     def _backward(self, grad_out: Array, need_input_grad: bool = True) -> Array | None:
-        col, kmat, padded_shape = self._cache
-        xp = array_module(grad_out)
-        p = self.out_channels
-        grad_mat = grad_out.reshape(p, -1)  # (P, OH*OW*N)
-        grad_k = matmul_nt(grad_mat, col.reshape(kmat.shape[1], -1))
-        grad_k = grad_k.reshape(self.params["weight"].shape)
-        if self.mode == "convolution":
-            grad_k = grad_k[:, :, ::-1, ::-1]
-        self.grads["weight"] = xp.ascontiguousarray(grad_k)
+        col, padded_shape = self._cache
+        weight = self.params["weight"]
+        kmat = weight.reshape(self.out_channels, -1)
+        grad_mat = grad_out.reshape(self.out_channels, -1)  # (P, OH*OW*N)
+        self.grads["weight"] = matmul_nt(grad_mat, col.reshape(kmat.shape[1], -1)).reshape(
+            weight.shape
+        )
         if self.bias:
             self.grads["bias"] = grad_mat.sum(axis=1)
         if not need_input_grad:
             return None
         grad_col = (kmat.T @ grad_mat).reshape(col.shape)
         _, hp, wp, _ = padded_shape
-        grad_padded = col2im(grad_col, hp, wp, *self.stride)
+        grad_padded = col2im(grad_col, hp, wp, *self.stride, flip=self.mode == "convolution")
         return unpad_internal(grad_padded, self.pads)
 
     def config(self) -> dict[str, Any]:

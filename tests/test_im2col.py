@@ -19,32 +19,36 @@ CASES = [
 ]
 
 
-def loop_im2col(x, kh, kw, sh, sw):
+def loop_im2col(x, kh, kw, sh, sw, flip):
     c, h, w, n = x.shape
     oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
     col = np.zeros((c, kh, kw, oh, ow, n))
     for ci, i, j, a, b, ni in itertools.product(*map(range, (c, kh, kw, oh, ow, n))):
-        col[ci, i, j, a, b, ni] = x[ci, a * sh + i, b * sw + j, ni]
+        di, dj = (kh - 1 - i, kw - 1 - j) if flip else (i, j)
+        col[ci, i, j, a, b, ni] = x[ci, a * sh + di, b * sw + dj, ni]
     return col
 
 
-def loop_col2im(col, h, w, sh, sw):
+def loop_col2im(col, h, w, sh, sw, flip):
     c, kh, kw, oh, ow, n = col.shape
     img = np.zeros((c, h, w, n))
     for ci, i, j, a, b, ni in itertools.product(*map(range, (c, kh, kw, oh, ow, n))):
-        img[ci, a * sh + i, b * sw + j, ni] += col[ci, i, j, a, b, ni]
+        di, dj = (kh - 1 - i, kw - 1 - j) if flip else (i, j)
+        img[ci, a * sh + di, b * sw + dj, ni] += col[ci, i, j, a, b, ni]
     return img
 
 
+@pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_im2col_col2im_match_loops(case, backend, rng):
+def test_im2col_col2im_match_loops(case, flip, backend, rng):
     shape, kh, kw, sh, sw = case
     x = rng.standard_normal(shape)
-    col = im2col(backend.asarray(x), kh, kw, sh, sw)
-    np.testing.assert_array_equal(to_host(col), loop_im2col(x, kh, kw, sh, sw))
+    col = im2col(backend.asarray(x), kh, kw, sh, sw, flip=flip)
+    np.testing.assert_array_equal(to_host(col), loop_im2col(x, kh, kw, sh, sw, flip))
     g = rng.standard_normal(col.shape)
-    img = col2im(backend.asarray(g), shape[1], shape[2], sh, sw)
-    np.testing.assert_allclose(to_host(img), loop_col2im(g, shape[1], shape[2], sh, sw), rtol=1e-12)
+    img = col2im(backend.asarray(g), shape[1], shape[2], sh, sw, flip=flip)
+    expected = loop_col2im(g, shape[1], shape[2], sh, sw, flip)
+    np.testing.assert_allclose(to_host(img), expected, rtol=1e-12)
     # Adjoint: <im2col(x), g> == <x, col2im(g)>
     assert np.vdot(to_host(col), g) == pytest.approx(np.vdot(x, to_host(img)), rel=1e-12)
 

@@ -1,0 +1,81 @@
+"""The array-layer primitives on their threaded NumPy path (forced on here, whatever the
+machine's default) give exactly the single-threaded results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpucnn.ops as ops
+from gpucnn.im2col import col2im, im2col, matmul_nt
+from tests.conftest import tie_free
+
+
+@pytest.fixture
+def threaded(monkeypatch):
+    monkeypatch.setattr(ops, "THREADS", 3)
+    monkeypatch.setattr(ops, "PARALLEL_MIN_ELEMENTS", 0)
+
+
+def single_threaded(fn, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(ops, "THREADS", 1)
+        return fn()
+
+
+@pytest.mark.parametrize("window, stride", [((2, 2), (2, 2)), ((3, 3), (2, 2)), ((2, 3), (1, 2))])
+def test_pooling_threaded_equals_single(window, stride, threaded, monkeypatch, rng):
+    x = tie_free((5, 9, 10, 4), rng).astype(np.float32)
+    out_hw = ((9 - window[0]) // stride[0] + 1, (10 - window[1]) // stride[1] + 1)
+    grad = rng.standard_normal((5, *out_hw, 4)).astype(np.float32)
+
+    def run():
+        best, saved = ops.max_pool(x, window, stride, out_hw)
+        back = ops.max_pool_backward(saved, grad, window, stride)
+        total = ops.sum_pool(x, window, stride, out_hw, square=True)
+        spread = ops.spread_pool_grad(grad, x.shape, window, stride, x=x)
+        return best, back, total, spread
+
+    for threaded_result, single_result in zip(
+        run(), single_threaded(run, monkeypatch), strict=True
+    ):
+        np.testing.assert_array_equal(threaded_result, single_result)
+
+
+def test_im2col_col2im_relu_threaded_equal_single(threaded, monkeypatch, rng):
+    x = rng.standard_normal((3, 8, 7, 5)).astype(np.float32)
+
+    def run():
+        col = im2col(x, 3, 2, 1, 2, flip=True)
+        img = col2im(col, 8, 7, 1, 2, flip=True)
+        y = ops.relu(x)
+        return col, img, y, ops.relu_backward(x, y)
+
+    for threaded_result, single_result in zip(
+        run(), single_threaded(run, monkeypatch), strict=True
+    ):
+        np.testing.assert_array_equal(threaded_result, single_result)
+
+
+def test_parallel_for_covers_every_index_once(threaded):
+    seen = np.zeros(101, dtype=int)
+
+    def body(start, stop):
+        seen[start:stop] += 1
+
+    ops.parallel_for(np, 101, 10**6, body)
+    assert (seen == 1).all()
+
+
+def test_matmul_nt_chunked_equals_plain(rng):
+    a = rng.standard_normal((6, 3 * 4096 + 17))
+    b = rng.standard_normal((9, 3 * 4096 + 17))
+    np.testing.assert_allclose(matmul_nt(a, b), a @ b.T, rtol=1e-10)
+
+
+def test_optimizer_kernels_match_formulas(backend, rng):
+    param = rng.standard_normal(7)
+    grad = rng.standard_normal(7)
+    p = backend.asarray(param.copy())
+    ops.sgd_update(p, backend.asarray(grad), 0.1)
+    np.testing.assert_allclose(p.get() if backend.is_gpu else p, param - 0.1 * grad)
