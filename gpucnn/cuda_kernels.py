@@ -229,3 +229,162 @@ def _elementwise() -> dict[str, Any]:
 
 def elementwise(name: str) -> Any:
     return _elementwise()[name]
+
+
+# -- sum / L2 / average pooling ----------------------------------------------------------
+_SUMPOOL = r"""
+    const ptrdiff_t n = i % N;
+    ptrdiff_t t = i / N;
+    const int ox = t % OW; t /= OW;
+    const int oy = t % OH;
+    const ptrdiff_t c = t / OH;
+    const ptrdiff_t base = ((c * H + oy * SH) * W + ox * SW) * N + n;
+    T acc = 0;
+    for (int qi = 0; qi < QH; ++qi) {
+        for (int qj = 0; qj < QW; ++qj) {
+            const T v = img[base + ((ptrdiff_t)qi * W + qj) * N];
+            acc += SQUARE ? v * v : v;
+        }
+    }
+    out = acc;
+"""
+
+# Each input pixel sums the gradients of the windows that cover it (gather form), times
+# the pixel itself for the L2 case: d sqrt(sum x^2) / dx_i = x_i / norm.
+_SPREAD = r"""
+    const ptrdiff_t n = i % N;
+    ptrdiff_t t = i / N;
+    const int x_ = t % W; t /= W;
+    const int y = t % H;
+    const ptrdiff_t c = t / H;
+    T acc = 0;
+    for (int qi = 0; qi < QH; ++qi) {
+        const int dy = y - qi;
+        if (dy < 0) break;
+        if (dy % SH) continue;
+        const int oy = dy / SH;
+        if (oy >= OH) continue;
+        for (int qj = 0; qj < QW; ++qj) {
+            const int dx = x_ - qj;
+            if (dx < 0) break;
+            if (dx % SW) continue;
+            const int ox = dx / SW;
+            if (ox >= OW) continue;
+            acc += grad[((c * OH + oy) * OW + ox) * N + n];
+        }
+    }
+    img_grad = SCALE_BY_X ? acc * img[i] : acc;
+"""
+
+
+@cache
+def _sum_pool_kernels() -> tuple[Any, Any]:
+    cupy = _cupy()
+    forward = cupy.ElementwiseKernel(
+        f"raw T img, {_POOL_PARAMS}, int32 SQUARE", "T out", _SUMPOOL, "gpucnn_sumpool"
+    )
+    backward = cupy.ElementwiseKernel(
+        f"raw T grad, raw T img, {_POOL_PARAMS}, int32 SCALE_BY_X",
+        "T img_grad",
+        _SPREAD,
+        "gpucnn_sumpool_backward",
+    )
+    return forward, backward
+
+
+def sum_pool(
+    x: Array,
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    out_hw: tuple[int, int],
+    square: bool,
+) -> Array:
+    cupy = _cupy()
+    c, h, w, n = x.shape
+    x = cupy.ascontiguousarray(x)
+    out = cupy.empty((c, *out_hw, n), dtype=x.dtype)
+    _sum_pool_kernels()[0](x, h, w, n, *out_hw, *window, *stride, int(square), out)
+    return out
+
+
+def spread_pool_grad(
+    grad_window: Array,
+    x_shape: tuple[int, ...],
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    x: Array | None,
+) -> Array:
+    cupy = _cupy()
+    c, h, w, n = x_shape
+    grad_window = cupy.ascontiguousarray(grad_window)
+    image = cupy.ascontiguousarray(x) if x is not None else grad_window  # unused when None
+    grad_in = cupy.empty(x_shape, dtype=grad_window.dtype)
+    _sum_pool_kernels()[1](
+        grad_window,
+        image,
+        h,
+        w,
+        n,
+        *grad_window.shape[1:3],
+        *window,
+        *stride,
+        int(x is not None),
+        grad_in,
+    )
+    return grad_in
+
+
+# -- output heads: per-row loss and its gradient in one launch ---------------------------
+_SOFTMAX_XENT = r"""
+    const T* z = &logits[i * K];
+    T top = z[0];
+    for (int k = 1; k < K; ++k) top = z[k] > top ? z[k] : top;
+    T total = 0;
+    for (int k = 0; k < K; ++k) total += exp(z[k] - top);
+    const I label = labels[i];
+    loss = log(total) + top - z[label];
+    for (int k = 0; k < K; ++k) {
+        grad[i * K + k] = (exp(z[k] - top) / total - (k == label ? (T)1 : (T)0)) * scale;
+    }
+"""
+
+_LOGISTIC_XENT = r"""
+    // softplus(z) - y z, and (g(z) - y) * scale, both finite for any z
+    const T softplus = (z > (T)0 ? z : (T)0) + log1p(exp(-fabs(z)));
+    loss = softplus - y * z;
+    grad = ((T)0.5 * ((T)1 + tanh((T)0.5 * z)) - y) * scale;
+"""
+
+
+@cache
+def _head_kernels() -> tuple[Any, Any]:
+    cupy = _cupy()
+    softmax = cupy.ElementwiseKernel(
+        "raw T logits, raw I labels, int32 K, T scale",
+        "T loss, raw T grad",
+        _SOFTMAX_XENT,
+        "gpucnn_softmax_xent",
+    )
+    logistic = cupy.ElementwiseKernel(
+        "T z, T y, T scale", "T loss, T grad", _LOGISTIC_XENT, "gpucnn_logistic_xent"
+    )
+    return softmax, logistic
+
+
+def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
+    """Per-row cross-entropy of softmax(logits) and d(mean loss)/d logits."""
+    cupy = _cupy()
+    logits = cupy.ascontiguousarray(logits)
+    n, k = logits.shape
+    loss = cupy.empty(n, dtype=logits.dtype)
+    grad = cupy.empty_like(logits)
+    _head_kernels()[0](
+        logits, cupy.ascontiguousarray(labels), k, logits.dtype.type(1.0 / n), loss, grad
+    )
+    return loss, grad
+
+
+def logistic_cross_entropy(net: Array, labels: Array) -> tuple[Array, Array]:
+    """Per-sample -log-likelihood of a logistic neuron and d(mean loss)/d net."""
+    scale = net.dtype.type(1.0 / net.shape[0])
+    return _head_kernels()[1](net, labels.astype(net.dtype, copy=False), scale)

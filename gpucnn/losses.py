@@ -11,12 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from gpucnn.backend import Array, array_module
-
-
-def softplus(z: Array) -> Array:
-    """log(1 + exp(z)) without overflow: max(z, 0) + log1p(exp(-|z|))."""
-    xp = array_module(z)
-    return xp.maximum(z, 0) + xp.log1p(xp.exp(-xp.abs(z)))
+from gpucnn.ops import logistic_cross_entropy, softmax_cross_entropy
 
 
 def logistic(z: Array) -> Array:
@@ -71,12 +66,12 @@ class LogisticLogLikelihood(Head):
         labels = labels.reshape(-1)
         if labels.shape != net.shape:
             raise ValueError(f"labels have shape {labels.shape}, expected ({net.shape[0]},)")
-        self._cache = (net, labels)
-        return (softplus(net) - labels * net).mean()
+        per_sample, grad = logistic_cross_entropy(net, labels)
+        self._grad = grad  # d(mean loss)/d net = (g(net) - y) / N
+        return per_sample.mean()
 
     def backward(self) -> Array:
-        net, labels = self._cache
-        return ((logistic(net) - labels) * (1.0 / net.shape[0])).reshape(-1, 1)
+        return self._grad.reshape(-1, 1)
 
     def predict_proba(self, net: Array) -> Array:
         """P(class 1) per sample, shape (N,)."""
@@ -109,23 +104,17 @@ class SoftmaxCrossEntropy(Head):
         return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
 
     def forward(self, net: Array, labels: Array) -> Array:
-        xp = array_module(net, labels)
         labels = labels.reshape(-1)
         if labels.shape[0] != net.shape[0]:
             raise ValueError(f"labels have shape {labels.shape}, expected ({net.shape[0]},)")
         if labels.dtype.kind not in "iu":
             labels = labels.astype("int64")
-        log_p = self._log_softmax(net)
-        rows = xp.arange(net.shape[0])
-        self._cache = (log_p, labels, rows)
-        return -log_p[rows, labels].mean()
+        per_sample, grad = softmax_cross_entropy(net, labels)
+        self._grad = grad  # d(mean loss)/d logits = (softmax - one_hot) / N
+        return per_sample.mean()
 
     def backward(self) -> Array:
-        xp = array_module(self._cache[0])
-        log_p, labels, rows = self._cache
-        grad = xp.exp(log_p)
-        grad[rows, labels] -= 1.0
-        return grad * (1.0 / log_p.shape[0])
+        return self._grad
 
     def predict_proba(self, net: Array) -> Array:
         return array_module(net).exp(self._log_softmax(net))

@@ -88,6 +88,8 @@ def max_pool(
     if _is_gpu(xp):
         out, arg = cuda_kernels.max_pool(x, window, stride, out_hw)
         return out, (x.shape, arg)
+    if _small_tiling(x.shape, window, stride, out_hw):
+        return _tiles(x, window).max(axis=(2, 4)), (x, None)
     offsets = _offsets(window)
     out = xp.empty((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
 
@@ -112,6 +114,8 @@ def max_pool_backward(
         x_shape, arg = saved
         return cuda_kernels.max_pool_backward(arg, grad_out, x_shape, window, stride)
     x, best = saved
+    if best is None:  # a small map tiled by its windows (see max_pool)
+        return _tiled_max_backward(x, grad_out, window)
     out_hw = best.shape[1:3]
     disjoint = stride[0] >= window[0] and stride[1] >= window[1]
     grad_in = (xp.empty if disjoint and _covers(x.shape, window, stride, out_hw) else xp.zeros)(
@@ -135,6 +139,42 @@ def max_pool_backward(
     return grad_in
 
 
+SMALL_MAP = 1 << 14  # elements; below this, per-call overhead outweighs the passes
+
+
+def _small_tiling(
+    shape: tuple[int, ...],
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    out_hw: tuple[int, ...],
+) -> bool:
+    """A small map whose windows tile it exactly: a few whole-array calls beat a loop
+    over offsets (for the lecture's 3x3/3 pool, 10 us against 45 us)."""
+    return int(shape[0] * shape[1] * shape[2] * shape[3]) <= SMALL_MAP and _covers(
+        shape, window, stride, out_hw
+    )
+
+
+def _tiles(x: Array, window: tuple[int, int]) -> Array:
+    """(C, H, W, N) -> the view (C, OH, QH, OW, QW, N) of its windows."""
+    c, h, w, n = x.shape
+    return x.reshape(c, h // window[0], window[0], w // window[1], window[1], n)
+
+
+def _tiled_max_backward(x: Array, grad_out: Array, window: tuple[int, int]) -> Array:
+    """Gradient to each window's first maximum via argmax over the window's entries in
+    row-major order (argmax returns the first of equal maxima)."""
+    xp = array_module(x)
+    c, h, w, n = x.shape
+    qh, qw = window
+    oh, ow = h // qh, w // qw
+    entries = _tiles(x, window).transpose(0, 1, 3, 5, 2, 4).reshape(c, oh, ow, n, qh * qw)
+    winner = entries.argmax(axis=-1)[..., None]
+    routed = xp.zeros(entries.shape, dtype=grad_out.dtype)
+    xp.put_along_axis(routed, winner, grad_out[..., None], axis=-1)
+    return routed.reshape(c, oh, ow, n, qh, qw).transpose(0, 1, 4, 2, 5, 3).reshape(c, h, w, n)
+
+
 def _covers(
     shape: tuple[int, ...],
     window: tuple[int, int],
@@ -156,6 +196,8 @@ def sum_pool(
 ) -> Array:
     """Sum (of squares, if ``square``) over each window."""
     xp = array_module(x)
+    if _is_gpu(xp):
+        return cuda_kernels.sum_pool(x, window, stride, out_hw, square)
     out = xp.zeros((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
 
     def body(ch: slice) -> None:
@@ -179,6 +221,8 @@ def spread_pool_grad(
     times the pixel itself when ``x`` is given (the L2 case, with the 1/norm factor
     already folded into ``grad_window``)."""
     xp = array_module(grad_window)
+    if _is_gpu(xp):
+        return cuda_kernels.spread_pool_grad(grad_window, x_shape, window, stride, x)
     out_hw = grad_window.shape[1:3]
     grad_in = xp.zeros(x_shape, dtype=grad_window.dtype)
 
@@ -264,3 +308,31 @@ def adam_update(
     v *= beta2
     v += (1.0 - beta2) * (grad * grad)
     param -= step * m / (xp.sqrt(v) + eps)
+
+
+# -- output heads: per-sample loss and the gradient of the mean, in one go --------------
+def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
+    """(per-sample -log softmax(logits)[label], d mean / d logits) for (N, K) logits.
+
+    Through log-softmax with the row maximum subtracted, so finite logits never overflow.
+    """
+    xp = array_module(logits, labels)
+    if _is_gpu(xp):
+        return cuda_kernels.softmax_cross_entropy(logits, labels)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_total = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+    log_p = shifted - log_total
+    rows = xp.arange(logits.shape[0])
+    grad = xp.exp(log_p)
+    grad[rows, labels] -= 1.0
+    return -log_p[rows, labels], grad * (1.0 / logits.shape[0])
+
+
+def logistic_cross_entropy(net: Array, labels: Array) -> tuple[Array, Array]:
+    """(per-sample softplus(net) - y net, (g(net) - y) / N) for a logistic neuron."""
+    xp = array_module(net, labels)
+    if _is_gpu(xp):
+        return cuda_kernels.logistic_cross_entropy(net, labels)
+    softplus = xp.maximum(net, 0) + xp.log1p(xp.exp(-xp.abs(net)))
+    probability = 0.5 * (1.0 + xp.tanh(0.5 * net))
+    return softplus - labels * net, (probability - labels) * (1.0 / net.shape[0])

@@ -79,3 +79,25 @@ def test_optimizer_kernels_match_formulas(backend, rng):
     p = backend.asarray(param.copy())
     ops.sgd_update(p, backend.asarray(grad), 0.1)
     np.testing.assert_allclose(p.get() if backend.is_gpu else p, param - 0.1 * grad)
+
+
+@pytest.mark.parametrize("window", [(2, 2), (3, 3), (2, 3)])
+def test_small_map_max_pool_path_equals_offset_loop(window, monkeypatch, rng):
+    """Both NumPy max-pool paths, on inputs full of ties: same output, same routing."""
+    shape = (3, 6 * window[0] // 2 * 2, 6 * window[1] // 2 * 2, 2)
+    out_hw = (shape[1] // window[0], shape[2] // window[1])
+    x = rng.integers(0, 3, shape).astype(np.float32)  # many equal values per window
+    grad = rng.standard_normal((3, *out_hw, 2)).astype(np.float32)
+
+    def run(small_map):
+        with monkeypatch.context() as patch:
+            patch.setattr(ops, "SMALL_MAP", small_map)
+            best, saved = ops.max_pool(x, window, window, out_hw)
+            return best, ops.max_pool_backward(saved, grad, window, window)
+
+    (best_small, back_small), (best_loop, back_loop) = run(10**9), run(0)
+    np.testing.assert_array_equal(best_small, best_loop)
+    np.testing.assert_array_equal(back_small, back_loop)
+    # Each window's gradient went to exactly one input.
+    np.testing.assert_allclose(back_small.sum(), grad.sum(), rtol=1e-5)
+    assert (back_small != 0).sum() == (grad != 0).sum()
