@@ -144,7 +144,9 @@ def _imports(path):
             yield node.module.split(".")[0]
 
 
-@pytest.mark.parametrize("module", ["layers", "losses", "optim", "im2col", "cuda_kernels"])
+@pytest.mark.parametrize(
+    "module", ["layers", "losses", "optim", "im2col", "ops", "cuda_kernels", "training"]
+)
 def test_core_modules_import_no_array_library(module):
     found = set(_imports(PACKAGE / f"{module}.py"))
     assert not found & {"numpy", "cupy"}, f"{module}.py imports {found & {'numpy', 'cupy'}}"
@@ -154,3 +156,20 @@ def test_core_modules_import_no_array_library(module):
 def test_core_imports_neither_hydra_nor_mlflow(module):
     found = set(_imports(PACKAGE / f"{module}.py"))
     assert not found & {"hydra", "omegaconf", "mlflow"}
+
+
+def test_importing_the_core_loads_neither_hydra_nor_mlflow():
+    """Transitively, not just by direct imports: a fresh interpreter imports the core."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gpucnn, gpucnn.training, gpucnn.data, gpucnn.explain\n"
+        "edge = sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'omegaconf', 'mlflow'})\n"
+        "print(','.join(edge))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
