@@ -29,32 +29,46 @@ _IM2COL = r"""
     col = img[((c * H + y) * W + x_) * N + n];
 """
 
-_COL2IM = r"""
+
+def _gather_over_windows(accumulate: str, window_h: str = "QH", window_w: str = "QW") -> str:
+    """CUDA body shared by the gather-form backward kernels: thread i owns pixel (c, y, x, n)
+    of a (C, H, W, N) image, visits every window (oy, ox) and offset (qi, qj) that covers
+    it, and runs ``accumulate`` there (adding into ``acc``). No atomics, deterministic."""
+    return rf"""
     const ptrdiff_t n = i % N;
     ptrdiff_t t = i / N;
     const int x_ = t % W; t /= W;
     const int y = t % H;
     const ptrdiff_t c = t / H;
     T acc = 0;
-    for (int ki = 0; ki < KH; ++ki) {
-        const int dy = y - ki;
+    for (int qi = 0; qi < {window_h}; ++qi) {{
+        const int dy = y - qi;
         if (dy < 0) break;
         if (dy % SH) continue;
         const int oy = dy / SH;
         if (oy >= OH) continue;
-        for (int kj = 0; kj < KW; ++kj) {
-            const int dx = x_ - kj;
+        for (int qj = 0; qj < {window_w}; ++qj) {{
+            const int dx = x_ - qj;
             if (dx < 0) break;
             if (dx % SW) continue;
             const int ox = dx / SW;
             if (ox >= OW) continue;
-            const int si = FLIP ? KH - 1 - ki : ki;  // the slot that holds this offset
-            const int sj = FLIP ? KW - 1 - kj : kj;
-            acc += col[((((c * KH + si) * KW + sj) * OH + oy) * OW + ox) * N + n];
-        }
-    }
-    img = acc;
+            {accumulate}
+        }}
+    }}
 """
+
+
+_COL2IM = (
+    _gather_over_windows(
+        """const int si = FLIP ? KH - 1 - qi : qi;  // the slot that holds this offset
+            const int sj = FLIP ? KW - 1 - qj : qj;
+            acc += col[((((c * KH + si) * KW + sj) * OH + oy) * OW + ox) * N + n];""",
+        "KH",
+        "KW",
+    )
+    + "    img = acc;\n"
+)
 
 _PARAMS = (
     "int32 H, int32 W, int32 N, int32 KH, int32 KW, int32 OH, int32 OW, int32 SH, int32 SW, "
@@ -123,31 +137,13 @@ _MAXPOOL = r"""
     arg = winner;
 """
 
-_MAXPOOL_BACKWARD = r"""
-    const ptrdiff_t n = i % N;
-    ptrdiff_t t = i / N;
-    const int x_ = t % W; t /= W;
-    const int y = t % H;
-    const ptrdiff_t c = t / H;
-    T acc = 0;
-    for (int qi = 0; qi < QH; ++qi) {
-        const int dy = y - qi;
-        if (dy < 0) break;
-        if (dy % SH) continue;
-        const int oy = dy / SH;
-        if (oy >= OH) continue;
-        for (int qj = 0; qj < QW; ++qj) {
-            const int dx = x_ - qj;
-            if (dx < 0) break;
-            if (dx % SW) continue;
-            const int ox = dx / SW;
-            if (ox >= OW) continue;
-            const ptrdiff_t o = ((c * OH + oy) * OW + ox) * N + n;
-            if (arg[o] == qi * QW + qj) acc += grad[o];
-        }
-    }
-    img_grad = acc;
-"""
+_MAXPOOL_BACKWARD = (
+    _gather_over_windows(
+        """const ptrdiff_t o = ((c * OH + oy) * OW + ox) * N + n;
+            if (arg[o] == qi * QW + qj) acc += grad[o];"""
+    )
+    + "    img_grad = acc;\n"
+)
 
 _POOL_PARAMS = (
     "int32 H, int32 W, int32 N, int32 OH, int32 OW, int32 QH, int32 QW, int32 SH, int32 SW"
@@ -251,30 +247,10 @@ _SUMPOOL = r"""
 
 # Each input pixel sums the gradients of the windows that cover it (gather form), times
 # the pixel itself for the L2 case: d sqrt(sum x^2) / dx_i = x_i / norm.
-_SPREAD = r"""
-    const ptrdiff_t n = i % N;
-    ptrdiff_t t = i / N;
-    const int x_ = t % W; t /= W;
-    const int y = t % H;
-    const ptrdiff_t c = t / H;
-    T acc = 0;
-    for (int qi = 0; qi < QH; ++qi) {
-        const int dy = y - qi;
-        if (dy < 0) break;
-        if (dy % SH) continue;
-        const int oy = dy / SH;
-        if (oy >= OH) continue;
-        for (int qj = 0; qj < QW; ++qj) {
-            const int dx = x_ - qj;
-            if (dx < 0) break;
-            if (dx % SW) continue;
-            const int ox = dx / SW;
-            if (ox >= OW) continue;
-            acc += grad[((c * OH + oy) * OW + ox) * N + n];
-        }
-    }
-    img_grad = SCALE_BY_X ? acc * img[i] : acc;
-"""
+_SPREAD = (
+    _gather_over_windows("acc += grad[((c * OH + oy) * OW + ox) * N + n];")
+    + "    img_grad = SCALE_BY_X ? acc * img[i] : acc;\n"
+)
 
 
 @cache
