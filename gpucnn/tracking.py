@@ -43,22 +43,34 @@ class Tracker:
 
 
 # -- images -----------------------------------------------------------------------------
-def kernel_grid(weight: np.ndarray, scale: int = 16, gap: int = 1) -> np.ndarray:
-    """(P, C, KH, KW) kernels -> one uint8 grayscale image: a row per kernel, a column
-    per input channel, each tile scaled to its own [min, max] and enlarged ``scale`` times
-    (nearest neighbour) so single weights stay visible."""
+def kernel_grid(
+    weight: np.ndarray, scale: int = 16, gap: int = 1, max_width: int = 1024
+) -> np.ndarray:
+    """(P, C, KH, KW) kernels -> one uint8 grayscale image.
+
+    Single-channel kernels are laid out in a near-square grid; with several input
+    channels each kernel is a row and each channel a column. Every tile is scaled to its
+    own [min, max] and enlarged (nearest neighbour, at most ``scale`` times and so that the
+    image stays within ``max_width`` pixels) so that single weights stay visible.
+    """
     p, c, kh, kw = weight.shape
-    scale = max(1, min(scale, 256 // max(kh, kw, 1)))
+    tiles = weight.reshape(p * c, kh, kw)
+    if c == 1:
+        cols = int(np.ceil(np.sqrt(p)))
+        rows = int(np.ceil(p / cols))
+    else:
+        rows, cols = p, c
+    scale = max(1, min(scale, (max_width - gap) // (cols * (kw + gap)), 256 // max(kh, kw, 1)))
     tile_h, tile_w = kh * scale, kw * scale
-    grid = np.full((p * (tile_h + gap) + gap, c * (tile_w + gap) + gap), 255, np.uint8)
-    for i in range(p):
-        for j in range(c):
-            tile = weight[i, j].astype(np.float64)
-            span = tile.max() - tile.min()
-            tile = (tile - tile.min()) / span if span > 0 else np.full_like(tile, 0.5)
-            tile = np.kron(tile, np.ones((scale, scale)))
-            top, left = gap + i * (tile_h + gap), gap + j * (tile_w + gap)
-            grid[top : top + tile_h, left : left + tile_w] = (tile * 255).round().astype(np.uint8)
+    grid = np.full((rows * (tile_h + gap) + gap, cols * (tile_w + gap) + gap), 255, np.uint8)
+    for index, tile in enumerate(tiles.astype(np.float64)):
+        row, col = divmod(index, cols)
+        span = tile.max() - tile.min()
+        tile = (tile - tile.min()) / span if span > 0 else np.full_like(tile, 0.5)
+        top, left = gap + row * (tile_h + gap), gap + col * (tile_w + gap)
+        grid[top : top + tile_h, left : left + tile_w] = (
+            (np.kron(tile, np.ones((scale, scale))) * 255).round().astype(np.uint8)
+        )
     return grid
 
 

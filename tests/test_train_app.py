@@ -324,3 +324,20 @@ def test_explicit_tracking_uri(tmp_path):
     checkpoint = next(tmp_path.joinpath("runs", "hydra").rglob("model.npz"))
     with np.load(checkpoint, allow_pickle=False) as data:
         assert "architecture" in data.files
+
+
+def test_git_commit_is_tagged_when_launched_in_a_checkout(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "notes.txt").write_text("x")
+    git("add", "notes.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "init")
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    result = train(tmp_path, "experiment=digits", *TINY, "trainer.epochs=1")
+    assert result.returncode == 0, result.stderr
+    (run,) = all_runs(client_for(tmp_path))
+    assert run.data.tags["mlflow.source.git.commit"] == head

@@ -128,9 +128,42 @@ def test_trainer_settings_are_checked(settings, message):
 
 def test_kernel_grid_layout():
     weight = np.arange(2 * 3 * 2 * 2, dtype=float).reshape(2, 3, 2, 2)
-    grid = kernel_grid(weight, scale=4, gap=1)
+    grid = kernel_grid(weight, scale=4, gap=1)  # a row per kernel, a column per channel
     assert grid.dtype == np.uint8 and grid.shape == (2 * 9 + 1, 3 * 9 + 1)
     tile = grid[1:9, 1:9]  # kernel 0, channel 0, scaled to its own min..max
     assert tile.min() == 0 and tile.max() == 255
+    np.testing.assert_array_equal(tile[::4, ::4], [[0, 85], [170, 255]])
     flat = kernel_grid(np.ones((1, 1, 3, 3)))
     assert (flat[1:-1, 1:-1] == 128).all()  # a constant kernel is mid-grey
+    single = kernel_grid(np.random.default_rng(0).standard_normal((32, 1, 3, 3)), scale=4)
+    assert single.shape == (6 * 13 + 1, 6 * 13 + 1)  # 32 kernels in a 6 x 6 grid
+    wide = kernel_grid(np.zeros((64, 32, 3, 3)))
+    assert wide.shape[1] <= 1024
+
+
+def test_progress_bar_shows_on_request_and_stays_quiet_otherwise(capsys):
+    pytest.importorskip("tqdm")
+    data = load_dataset("seed_20x20", n_per_class=4, noise=0.3, seed=0)
+
+    def train(progress):
+        model = Sequential(
+            [Conv2D(1, 20, bias=False), Flatten(), Dense(1)],
+            LogisticLogLikelihood(),
+            data.input_shape,
+            seed=0,
+        )
+        fit(
+            model,
+            GradientAscent(0.1),
+            data,
+            epochs=2,
+            batch_size=4,
+            kernels_every=0,
+            progress=progress,
+        )
+        return capsys.readouterr().err
+
+    shown = train(True)
+    assert "epoch 1/2" in shown and "epoch 2/2" in shown and "loss=" in shown
+    assert train(None) == ""  # stderr is not a terminal under pytest
+    assert train(False) == ""
