@@ -183,7 +183,13 @@ def _as_images(x: np.ndarray, where: str) -> np.ndarray:
         x = x[:, None]
     if x.ndim != 4:
         raise DataError(f"{where}: images must be (N, H, W) or (N, C, H, W), got shape {x.shape}")
-    return x.astype(np.float32)
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{where}: images must be numeric, got dtype {x.dtype}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).sum())
+        raise DataError(f"{where}: {bad} pixel values are NaN or infinite")
+    return x
 
 
 def _as_labels(y: np.ndarray, where: str) -> np.ndarray:
@@ -282,18 +288,21 @@ def load_dataset(
             "x_test": arrays["x"][test],
             "y_test": arrays["y"][test],
         }
-    return build_dataset(
-        name,
-        arrays["x_train"],
-        arrays["y_train"],
-        arrays["x_test"],
-        arrays["y_test"],
-        val_fraction,
-        seed + 1,
-        arrays.get("x_val"),
-        arrays.get("y_val"),
-        normalize,
-    )
+    try:
+        return build_dataset(
+            name,
+            arrays["x_train"],
+            arrays["y_train"],
+            arrays["x_test"],
+            arrays["y_test"],
+            val_fraction,
+            seed + 1,
+            arrays.get("x_val"),
+            arrays.get("y_val"),
+            normalize,
+        )
+    except DataError as err:
+        raise DataError(f"data.path {str(path)!r}: {err}") from err
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:

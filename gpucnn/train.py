@@ -37,10 +37,10 @@ from gpucnn.tracking import (
     resolve_store,
     ui_command,
 )
-from gpucnn.training import check_trainer_settings, fit
+from gpucnn.training import DivergedError, check_trainer_settings, fit
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-USER_ERRORS = (ValueError, DataError, FileNotFoundError, BackendUnavailableError)
+USER_ERRORS = (ValueError, DataError, FileNotFoundError, BackendUnavailableError, DivergedError)
 
 register_configs()
 

@@ -7,6 +7,7 @@ once per epoch, so a CuPy step never waits for the host.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -137,6 +138,7 @@ def fit(
             if len(pending) == log_every:
                 values = to_host(xp.stack(pending)).tolist()  # one transfer per interval
                 tracker.log_metric_history("train_loss_step", values, pending_first_step + 1)
+                _check_finite(values, pending_first_step + 1)
                 if bar is not None:
                     bar.set_postfix(loss=f"{values[-1]:.4f}")
                 pending, pending_first_step = [], step
@@ -177,6 +179,20 @@ def fit(
     tracker.log_metrics({**result.test, "images_per_second": result.images_per_second}, step=step)
     tracker.flush()
     return result
+
+
+class DivergedError(FloatingPointError):
+    """The training loss stopped being a finite number."""
+
+
+def _check_finite(values: list[float], first_step: int) -> None:
+    """Stop at the first log interval whose losses include NaN or infinity."""
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            raise DivergedError(
+                f"training loss became {value} at step {first_step + offset}; the model "
+                "diverged (try a smaller optimizer.lr, or check the data for extreme values)"
+            )
 
 
 def _log_kernels(

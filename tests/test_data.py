@@ -126,6 +126,20 @@ def test_npz_variants_and_errors(tmp_path, rng):
         load_dataset("npz", path=str(tmp_path / "labels.npz"))
 
 
+def test_non_finite_pixels_are_rejected_with_the_path(tmp_path, rng):
+    x = rng.standard_normal((20, 4, 4))
+    x[3, 1, 2] = np.nan
+    x[7, 0, 0] = np.inf
+    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(20) % 2)
+    with pytest.raises(
+        DataError, match=r"nan.npz': npz x_train: 2 pixel values are NaN or infinite"
+    ):
+        load_dataset("npz", path=str(tmp_path / "nan.npz"), test_fraction=0.0)
+    np.savez(tmp_path / "text.npz", x=np.array([["a"] * 4] * 20).reshape(20, 2, 2), y=np.zeros(20))
+    with pytest.raises(DataError, match="images must be numeric, got dtype <U1"):
+        load_dataset("npz", path=str(tmp_path / "text.npz"))
+
+
 def test_unknown_dataset():
     with pytest.raises(
         DataError, match="dataset 'cifar' is not known; allowed: seed_20x20, digits, idx, npz"

@@ -341,3 +341,13 @@ def test_git_commit_is_tagged_when_launched_in_a_checkout(tmp_path):
     assert result.returncode == 0, result.stderr
     (run,) = all_runs(client_for(tmp_path))
     assert run.data.tags["mlflow.source.git.commit"] == head
+
+
+def test_diverging_run_fails_with_one_line(tmp_path):
+    result = train(tmp_path, "experiment=digits", *TINY, "optimizer=ascent", "optimizer.lr=1e30")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("gpucnn.train: error: training loss became") and "diverged" in last
+    (run,) = all_runs(client_for(tmp_path))
+    assert run.info.status == "FAILED"
+    assert run.data.tags["gpucnn.error"].startswith("DivergedError: training loss became")

@@ -11,7 +11,7 @@ from gpucnn.layers import Pool2D
 from gpucnn.losses import LogisticLogLikelihood
 from gpucnn.optim import GradientAscent
 from gpucnn.tracking import Tracker, kernel_grid
-from gpucnn.training import check_trainer_settings, evaluate, fit
+from gpucnn.training import DivergedError, check_trainer_settings, evaluate, fit
 
 
 class Recorder(Tracker):
@@ -167,3 +167,29 @@ def test_progress_bar_shows_on_request_and_stays_quiet_otherwise(capsys):
     assert "epoch 1/2" in shown and "epoch 2/2" in shown and "loss=" in shown
     assert train(None) == ""  # stderr is not a terminal under pytest
     assert train(False) == ""
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow that makes it diverge
+def test_divergence_stops_training_with_a_clear_error(backend):
+    data = load_dataset("digits", seed=0)
+    model = Sequential(
+        [Conv2D(4, 3), ReLU(), Flatten(), Dense(10)],
+        SoftmaxCrossEntropy(),
+        data.input_shape,
+        backend=backend,
+        seed=0,
+    )
+    recorder = Recorder()
+    with pytest.raises(DivergedError, match=r"training loss became (nan|inf) at step \d+"):
+        fit(
+            model,
+            GradientAscent(1e30),
+            data,
+            epochs=3,
+            batch_size=32,
+            log_every=5,
+            tracker=recorder,
+            progress=False,
+        )
+    logged = [v for _, v in recorder.histories["train_loss_step"]]
+    assert len(logged) >= 5 and not np.isfinite(logged[-1])  # what was seen is still logged

@@ -1,0 +1,123 @@
+"""Replay the same computations in PyTorch (float64) as an independent reference: values
+and gradients of conv (both modes, stride, padding), pooling, dense and both heads.
+Skipped where PyTorch is not installed (CI); runs where it is (dev machines, GPU hosts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from gpucnn import (  # noqa: E402
+    AvgPool2D,
+    Conv2D,
+    Dense,
+    Flatten,
+    L2Pool2D,
+    LogisticLogLikelihood,
+    MaxPool2D,
+    ReLU,
+    Sequential,
+    SoftmaxCrossEntropy,
+    Tanh,
+)
+from gpucnn.backend import to_host  # noqa: E402
+
+
+def torch_forward(model, x, params):
+    """The same network written with torch ops, from gpucnn's own layer settings."""
+    h = x
+    for layer in model.layers:
+        if layer.kind == "conv":
+            w = params[f"{layer.name}.weight"]
+            if layer.mode == "convolution":
+                w = torch.flip(w, dims=(2, 3))  # torch's conv2d is cross-correlation
+            top, bottom, left, right = layer.pads
+            h = F.pad(h, (left, right, top, bottom))
+            h = F.conv2d(h, w, params.get(f"{layer.name}.bias"), stride=layer.stride)
+        elif layer.kind == "pool":
+            if layer.pool_kind == "max":
+                h = F.max_pool2d(h, layer.window, layer.stride)
+            elif layer.pool_kind == "avg":
+                h = F.avg_pool2d(h, layer.window, layer.stride)
+            else:
+                h = torch.sqrt(
+                    F.avg_pool2d(h * h, layer.window, layer.stride)
+                    * (layer.window[0] * layer.window[1])
+                )
+        elif layer.kind == "flatten":
+            # column-major: each sample's (C, H, W) read first index fastest
+            h = (
+                h.permute(0, 3, 2, 1).reshape(h.shape[0], -1)
+                if layer.order == "F"
+                else h.flatten(1)
+            )
+        elif layer.kind == "dense":
+            h = h @ params[f"{layer.name}.weight"]
+            if f"{layer.name}.bias" in params:
+                h = h + params[f"{layer.name}.bias"]
+        else:
+            h = {"relu": torch.relu, "tanh": torch.tanh, "logistic": torch.sigmoid}[layer.kind](h)
+    return h
+
+
+NETS = {
+    "conv_max_softmax": (
+        lambda: [Conv2D(3, 3, padding="same"), ReLU(), MaxPool2D(2), Flatten(), Dense(4)],
+        SoftmaxCrossEntropy,
+        (2, 8, 8),
+    ),
+    "xcorr_stride_l2_rowmajor": (
+        lambda: [
+            Conv2D(4, (3, 2), stride=2, mode="cross_correlation"),
+            Tanh(),
+            L2Pool2D(2),
+            Flatten("C"),
+            Dense(3),
+        ],
+        SoftmaxCrossEntropy,
+        (3, 11, 10),
+    ),
+    "stacked_avg_logistic": (
+        lambda: [
+            Conv2D(2, 3),
+            ReLU(),
+            Conv2D(3, 2, padding=1),
+            AvgPool2D(3, 2),
+            Flatten(),
+            Dense(1),
+        ],
+        LogisticLogLikelihood,
+        (1, 9, 9),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_values_and_gradients_match_pytorch(name, backend, rng):
+    layers, head, shape = NETS[name]
+    model = Sequential(layers(), head(), shape, backend=backend, dtype="float64", seed=4, l2=0.05)
+    x = rng.standard_normal((5, *shape))
+    if head is LogisticLogLikelihood:
+        labels = rng.integers(0, 2, 5).astype(float)
+    else:
+        labels = rng.integers(0, model.output_shape[0], 5)
+    loss = float(to_host(model.loss(x, labels)))
+    grads = {k: to_host(v) for k, v in model.backward().items()}
+
+    params = {k: torch.tensor(to_host(v), requires_grad=True) for k, v in model.params.items()}
+    out = torch_forward(model, torch.tensor(x), params)
+    if head is LogisticLogLikelihood:
+        data_loss = F.binary_cross_entropy_with_logits(out.reshape(-1), torch.tensor(labels))
+    else:
+        data_loss = F.cross_entropy(out, torch.tensor(labels))
+    penalty = sum((params[k] ** 2).sum() for k in model.decayed_params())
+    reference = data_loss + 0.5 * 0.05 * penalty
+    reference.backward()
+    assert loss == pytest.approx(reference.item(), rel=1e-10)
+    for key, value in params.items():
+        np.testing.assert_allclose(
+            grads[key], value.grad.numpy(), rtol=1e-8, atol=1e-10, err_msg=key
+        )
