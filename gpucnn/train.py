@@ -39,7 +39,9 @@ from gpucnn.tracking import (
 )
 from gpucnn.training import DivergedError, check_trainer_settings, fit
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The package's conf/ (a symlink to the top-level conf/ in a checkout; real files in an
+# installed wheel). Not resolved, so the path stays inside the package either way.
+CONF_DIR = str(Path(__file__).absolute().parent / "conf")
 USER_ERRORS = (ValueError, DataError, FileNotFoundError, BackendUnavailableError, DivergedError)
 
 register_configs()

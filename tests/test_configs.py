@@ -119,3 +119,19 @@ def test_logistic_model_on_multiclass_data_is_a_clear_error():
         ValueError, match="logistic \\(binary\\) head but data 'digits' has 10 classes"
     ):
         prepare(plain(composed(["model=seed_8x8", "data=digits", "backend=numpy"])))
+
+
+def test_every_config_file_ships_in_the_wheel():
+    """pyproject's package-data patterns cover every YAML under conf/, reached through the
+    package's gpucnn/conf link, so an installed (non-editable) gpucnn finds its configs."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    package_conf = root / "gpucnn" / "conf"
+    assert package_conf.is_dir() and package_conf.resolve() == (root / "conf").resolve()
+    text = (root / "pyproject.toml").read_text()
+    patterns = re.search(r"\[tool\.setuptools\.package-data\]\ngpucnn = \[(.*?)\]", text).group(1)
+    globs = [g.strip().strip('"') for g in patterns.split(",")]
+    shipped = {p.relative_to(root / "gpucnn") for g in globs for p in (root / "gpucnn").glob(g)}
+    on_disk = {p.relative_to(root) for p in (root / "conf").rglob("*.yaml")}
+    assert shipped == on_disk  # a YAML the patterns miss would be left out of the wheel
