@@ -229,10 +229,9 @@ def array_module(*arrays: Any, **named: Any) -> Any:
     return numpy
 
 
-def backend_of(x: Array) -> Backend:
-    """The Backend an array lives on."""
-    xp = array_module(x)
-    return Backend("cupy", xp) if xp is not numpy else Backend("numpy", numpy)
+def is_gpu(xp: Any) -> bool:
+    """Whether an array module (from :func:`array_module`) is CuPy."""
+    return xp is not numpy and xp.__name__ == "cupy"
 
 
 def to_host(x: Any) -> Any:

@@ -18,7 +18,7 @@ output pixels. col2im accumulates with slice ``+=`` per offset rather than
 from __future__ import annotations
 
 from gpucnn import cuda_kernels
-from gpucnn.backend import Array, array_module
+from gpucnn.backend import Array, array_module, is_gpu
 from gpucnn.ops import parallel_for, window_slices
 
 
@@ -36,7 +36,7 @@ def im2col(x: Array, kh: int, kw: int, sh: int, sw: int, flip: bool = False) -> 
     xp = array_module(x)
     c, h, w, n = x.shape
     oh, ow = output_size(h, kh, sh), output_size(w, kw, sw)
-    if xp.__name__ == "cupy":
+    if is_gpu(xp):
         return cuda_kernels.im2col(x, kh, kw, sh, sw, oh, ow, flip)
     col = xp.empty((c, kh, kw, oh, ow, n), dtype=x.dtype)
 
@@ -58,7 +58,7 @@ def col2im(col: Array, h: int, w: int, sh: int, sw: int, flip: bool = False) -> 
     """
     xp = array_module(col)
     c, kh, kw, oh, ow, n = col.shape
-    if xp.__name__ == "cupy":
+    if is_gpu(xp):
         return cuda_kernels.col2im(col, h, w, sh, sw, flip)
     img = xp.zeros((c, h, w, n), dtype=col.dtype)
 
@@ -87,7 +87,7 @@ def matmul_nt(a: Array, b: Array) -> Array:
     """
     xp = array_module(a, b)
     length = a.shape[1]
-    if xp.__name__ == "cupy" or length <= GEMM_CHUNK:
+    if is_gpu(xp) or length <= GEMM_CHUNK:
         return a @ b.T
     out = b[:, :GEMM_CHUNK] @ a[:, :GEMM_CHUNK].T
     for start in range(GEMM_CHUNK, length, GEMM_CHUNK):

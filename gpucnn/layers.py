@@ -27,6 +27,7 @@ from gpucnn.im2col import (
     unpad_internal,
 )
 from gpucnn.ops import (
+    logistic,
     max_pool,
     max_pool_backward,
     relu,
@@ -508,8 +509,7 @@ class Logistic(Activation):
     kind = "logistic"
 
     def _forward(self, x: Array) -> Array:
-        xp = array_module(x)
-        y = 0.5 * (1.0 + xp.tanh(0.5 * x))
+        y = logistic(x)
         self._cache = y
         return y
 

@@ -11,13 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from gpucnn.backend import Array, array_module
-from gpucnn.ops import logistic_cross_entropy, softmax_cross_entropy
-
-
-def logistic(z: Array) -> Array:
-    """1 / (1 + exp(-z)) without overflow."""
-    xp = array_module(z)
-    return 0.5 * (1.0 + xp.tanh(0.5 * z))
+from gpucnn.ops import log_softmax, logistic, logistic_cross_entropy, softmax_cross_entropy
 
 
 class Head:
@@ -97,12 +91,6 @@ class SoftmaxCrossEntropy(Head):
                 f"the softmax head needs a flat output of >= 2 classes, got {tuple(out_shape)}"
             )
 
-    @staticmethod
-    def _log_softmax(logits: Array) -> Array:
-        xp = array_module(logits)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
-
     def forward(self, net: Array, labels: Array) -> Array:
         labels = labels.reshape(-1)
         if labels.shape[0] != net.shape[0]:
@@ -117,7 +105,7 @@ class SoftmaxCrossEntropy(Head):
         return self._grad
 
     def predict_proba(self, net: Array) -> Array:
-        return array_module(net).exp(self._log_softmax(net))
+        return array_module(net).exp(log_softmax(net))
 
     def predict(self, net: Array) -> Array:
         return net.argmax(axis=1)

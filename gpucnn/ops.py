@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gpucnn import cuda_kernels
-from gpucnn.backend import Array, array_module
+from gpucnn.backend import Array, array_module, is_gpu
 
 THREADS = max(1, int(os.environ.get("GPUCNN_THREADS", 1 if (os.cpu_count() or 1) <= 2 else 4)))
 PARALLEL_MIN_ELEMENTS = 1 << 16
@@ -41,7 +41,7 @@ def parallel_for(xp: Any, count: int, work: int, body: Callable[[int, int], None
     parts must write disjoint memory.
     """
     parts = min(THREADS, count)
-    if parts <= 1 or work < PARALLEL_MIN_ELEMENTS or xp.__name__ == "cupy":
+    if parts <= 1 or work < PARALLEL_MIN_ELEMENTS or is_gpu(xp):
         body(0, count)
         return
     bounds = [count * k // parts for k in range(parts + 1)]
@@ -72,10 +72,6 @@ def _channel_split(x: Array, body: Callable[[slice], None]) -> None:
     parallel_for(array_module(x), x.shape[0], x.size, lambda a, b: body(slice(a, b)))
 
 
-def _is_gpu(xp: Any) -> bool:
-    return xp.__name__ == "cupy"
-
-
 def max_pool(
     x: Array, window: tuple[int, int], stride: tuple[int, int], out_hw: tuple[int, int]
 ) -> tuple[Array, Any]:
@@ -85,7 +81,7 @@ def max_pool(
     from the input and output. CuPy: one kernel that also saves each window's winner.
     """
     xp = array_module(x)
-    if _is_gpu(xp):
+    if is_gpu(xp):
         out, arg = cuda_kernels.max_pool(x, window, stride, out_hw)
         return out, (x.shape, arg)
     if _small_tiling(x.shape, window, stride, out_hw):
@@ -110,7 +106,7 @@ def max_pool_backward(
     """Route each window's gradient to its first maximum (row-major window order), so
     ties never duplicate it."""
     xp = array_module(grad_out)
-    if _is_gpu(xp):
+    if is_gpu(xp):
         x_shape, arg = saved
         return cuda_kernels.max_pool_backward(arg, grad_out, x_shape, window, stride)
     x, best = saved
@@ -196,7 +192,7 @@ def sum_pool(
 ) -> Array:
     """Sum (of squares, if ``square``) over each window."""
     xp = array_module(x)
-    if _is_gpu(xp):
+    if is_gpu(xp):
         return cuda_kernels.sum_pool(x, window, stride, out_hw, square)
     out = xp.zeros((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
 
@@ -221,7 +217,7 @@ def spread_pool_grad(
     times the pixel itself when ``x`` is given (the L2 case, with the 1/norm factor
     already folded into ``grad_window``)."""
     xp = array_module(grad_window)
-    if _is_gpu(xp):
+    if is_gpu(xp):
         return cuda_kernels.spread_pool_grad(grad_window, x_shape, window, stride, x)
     out_hw = grad_window.shape[1:3]
     grad_in = xp.zeros(x_shape, dtype=grad_window.dtype)
@@ -249,7 +245,7 @@ def relu(x: Array) -> Array:
 def relu_backward(grad_out: Array, y: Array) -> Array:
     """grad * (y > 0), where y is the ReLU output (positive exactly where the input was)."""
     xp = array_module(grad_out, y)
-    if _is_gpu(xp):
+    if is_gpu(xp):
         return cuda_kernels.elementwise("relu_backward")(grad_out, y)
     grad_out = xp.ascontiguousarray(grad_out)
     out = xp.empty_like(grad_out)
@@ -265,7 +261,7 @@ def relu_backward(grad_out: Array, y: Array) -> Array:
 # -- optimizer updates, in place (one fused kernel per parameter on the GPU) -------------
 def sgd_update(param: Array, grad: Array, lr: float) -> None:
     """param <- param - lr * grad."""
-    if _is_gpu(array_module(param, grad)):
+    if is_gpu(array_module(param, grad)):
         cuda_kernels.elementwise("sgd")(grad, param.dtype.type(lr), param)
         return
     param -= lr * grad
@@ -273,7 +269,7 @@ def sgd_update(param: Array, grad: Array, lr: float) -> None:
 
 def momentum_update(param: Array, grad: Array, velocity: Array, lr: float, mu: float) -> None:
     """velocity <- mu velocity - lr grad; param <- param + velocity."""
-    if _is_gpu(array_module(param, grad, velocity)):
+    if is_gpu(array_module(param, grad, velocity)):
         dtype = param.dtype.type
         cuda_kernels.elementwise("momentum")(grad, dtype(lr), dtype(mu), param, velocity)
         return
@@ -297,7 +293,7 @@ def adam_update(
     ``step`` and ``eps`` already carry Adam's bias corrections (see optim.Adam).
     """
     xp = array_module(param, grad, m, v)
-    if _is_gpu(xp):
+    if is_gpu(xp):
         dtype = param.dtype.type
         cuda_kernels.elementwise("adam")(
             grad, dtype(step), dtype(beta1), dtype(beta2), dtype(eps), param, m, v
@@ -310,6 +306,18 @@ def adam_update(
     param -= step * m / (xp.sqrt(v) + eps)
 
 
+def logistic(z: Array) -> Array:
+    """1 / (1 + exp(-z)), computed as (1 + tanh(z/2)) / 2 so it never overflows."""
+    return 0.5 * (1.0 + array_module(z).tanh(0.5 * z))
+
+
+def log_softmax(logits: Array) -> Array:
+    """Row-wise log softmax of (N, K) logits, shifted by the row maximum (no overflow)."""
+    xp = array_module(logits)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+
+
 # -- output heads: per-sample loss and the gradient of the mean, in one go --------------
 def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
     """(per-sample -log softmax(logits)[label], d mean / d logits) for (N, K) logits.
@@ -317,11 +325,9 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
     Through log-softmax with the row maximum subtracted, so finite logits never overflow.
     """
     xp = array_module(logits, labels)
-    if _is_gpu(xp):
+    if is_gpu(xp):
         return cuda_kernels.softmax_cross_entropy(logits, labels)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_total = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
-    log_p = shifted - log_total
+    log_p = log_softmax(logits)
     rows = xp.arange(logits.shape[0])
     grad = xp.exp(log_p)
     grad[rows, labels] -= 1.0
@@ -331,8 +337,7 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
 def logistic_cross_entropy(net: Array, labels: Array) -> tuple[Array, Array]:
     """(per-sample softplus(net) - y net, (g(net) - y) / N) for a logistic neuron."""
     xp = array_module(net, labels)
-    if _is_gpu(xp):
+    if is_gpu(xp):
         return cuda_kernels.logistic_cross_entropy(net, labels)
     softplus = xp.maximum(net, 0) + xp.log1p(xp.exp(-xp.abs(net)))
-    probability = 0.5 * (1.0 + xp.tanh(0.5 * net))
-    return softplus - labels * net, (probability - labels) * (1.0 / net.shape[0])
+    return softplus - labels * net, (logistic(net) - labels) * (1.0 / net.shape[0])

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpucnn.backend import Array, to_host
+from gpucnn.backend import Array, host_module, to_host
 from gpucnn.losses import LogisticLogLikelihood
 from gpucnn.model import Sequential
 from gpucnn.optim import Optimizer
@@ -51,11 +51,10 @@ def evaluate(model: Sequential, x: Any, y: Any, batch_size: int = 512) -> dict[s
         total += model.loss(x[start:stop], labels[start:stop], penalty=False) * (stop - start)
         predictions.append(model.head.predict(model.last_output))
     predicted = to_host(xp.concatenate(predictions))
-    truth = to_host(y).astype(int)
+    truth = to_host(y).astype("int64")
     classes = max(int(model.output_shape[0]), 2)
-    confusion = [[0] * classes for _ in range(classes)]
-    for t, p in zip(truth.tolist(), predicted.tolist(), strict=True):
-        confusion[t][p] += 1
+    pairs = host_module().bincount(truth * classes + predicted, minlength=classes * classes)
+    confusion = pairs.reshape(classes, classes).tolist()  # rows: true, columns: predicted
     return {
         "loss": float(to_host(total)) / n,
         "accuracy": float((predicted == truth).mean()),
@@ -110,6 +109,7 @@ def fit(
     rng = backend.random(seed)
     x_train = backend.asarray(data.x_train, model.dtype)
     y_train = _labels_for(model, data.y_train)
+    class_train = backend.asarray(data.y_train).astype("int64")  # for accuracy, cast once
     n = len(data.y_train)
     show = sys.stderr.isatty() if progress is None else progress
     result = TrainResult(
@@ -128,11 +128,11 @@ def fit(
         started = time.perf_counter()
         for start in range(0, n, batch_size):
             index = order[start : start + batch_size]
-            xb, yb = x_train[index], y_train[index]
+            xb, yb, classes_b = x_train[index], y_train[index], class_train[index]
             loss = model.loss(xb, yb)
             optimizer.step(model.params, model.backward())
             loss_sum += loss * len(index)
-            correct += (model.head.predict(model.last_output) == yb.astype("int64")).sum()
+            correct += (model.head.predict(model.last_output) == classes_b).sum()
             pending.append(loss)
             step += 1
             if len(pending) == log_every:

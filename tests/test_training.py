@@ -91,6 +91,10 @@ def test_evaluate_matches_direct_computation(backend, rng):
     assert report["accuracy"] == pytest.approx((predicted == y).mean())
     confusion = np.array(report["confusion"])
     assert confusion.sum() == 37 and np.trace(confusion) == (predicted == y).sum()
+    expected = np.zeros((3, 3), dtype=int)
+    for true, guess in zip(y, predicted, strict=True):  # rows: true class, columns: predicted
+        expected[true, guess] += 1
+    np.testing.assert_array_equal(confusion, expected)
 
 
 def test_fit_learns_digits_quickly(backend):
