@@ -118,20 +118,31 @@ def max_pool_backward(
         x.shape, dtype=grad_out.dtype
     )
 
-    def body(ch: slice) -> None:
+    def routed(ch: slice) -> None:
         part, top, grad, target = x[ch], best[ch], grad_out[ch], grad_in[ch]
-        routed = xp.zeros(top.shape, dtype=bool)
+        taken = xp.zeros(top.shape, dtype=bool)
         for i, j in _offsets(window):
             sl = window_slices(i, j, *out_hw, *stride)
             hit = part[sl] == top
-            hit &= ~routed
-            routed |= hit
+            hit &= ~taken
+            taken |= hit
             if disjoint:  # each input pixel lies in at most one window: write, don't add
                 xp.multiply(grad, hit, out=target[sl])
             else:
                 target[sl] += grad * hit
 
-    _channel_split(x, body)
+    def tiled(ch: slice) -> None:
+        # Windows as big as their stride: compare every pixel with its window's maximum
+        # in one broadcast pass; the mask times the gradient is the answer once each
+        # window keeps only its first hit.
+        hit = _tiles(x[ch], window, out_hw) == _spread(best[ch])
+        if int(xp.count_nonzero(hit)) != best[ch].size:  # ties (or NaN windows, no hit)
+            _keep_first_hits(hit, window)
+        target = _tiles(grad_in[ch], window, out_hw)
+        xp.copyto(target, hit)
+        target *= _spread(grad_out[ch])
+
+    _channel_split(x, tiled if tuple(stride) == tuple(window) else routed)
     return grad_in
 
 
@@ -151,10 +162,28 @@ def _small_tiling(
     )
 
 
-def _tiles(x: Array, window: tuple[int, int]) -> Array:
-    """(C, H, W, N) -> the view (C, OH, QH, OW, QW, N) of its windows."""
+def _tiles(x: Array, window: tuple[int, int], out_hw: tuple[int, int] | None = None) -> Array:
+    """(C, H, W, N) -> the view (C, OH, QH, OW, QW, N) of its stride-Q windows (the rows
+    and columns past the last whole window are left out)."""
     c, h, w, n = x.shape
-    return x.reshape(c, h // window[0], window[0], w // window[1], window[1], n)
+    (qh, qw) = window
+    oh, ow = out_hw or (h // qh, w // qw)
+    return x[:, : oh * qh, : ow * qw, :].reshape(c, oh, qh, ow, qw, n)
+
+
+def _keep_first_hits(hit: Array, window: tuple[int, int]) -> None:
+    """Clear, in place, every hit after the first of its window (row-major window order);
+    ``hit`` is a (C, OH, QH, OW, QW, N) mask."""
+    taken = hit[:, :, 0, :, 0, :].copy()
+    for i, j in _offsets(window)[1:]:
+        entry = hit[:, :, i, :, j, :]
+        entry &= ~taken
+        taken |= entry
+
+
+def _spread(per_window: Array) -> Array:
+    """(C, OH, OW, N) -> the view (C, OH, 1, OW, 1, N) that broadcasts against _tiles."""
+    return per_window[:, :, None, :, None, :]
 
 
 def _tiled_max_backward(x: Array, grad_out: Array, window: tuple[int, int]) -> Array:

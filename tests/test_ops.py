@@ -67,10 +67,13 @@ def test_parallel_for_covers_every_index_once(threaded):
     assert (seen == 1).all()
 
 
-def test_matmul_nt_chunked_equals_plain(rng):
-    a = rng.standard_normal((6, 3 * 4096 + 17))
-    b = rng.standard_normal((9, 3 * 4096 + 17))
-    np.testing.assert_allclose(matmul_nt(a, b), a @ b.T, rtol=1e-10)
+@pytest.mark.parametrize("length", [1, 4096, 3 * 4096 + 17])
+def test_matmul_nt_equals_plain_product(rng, length):
+    # Both the one-call path (L <= GEMM_CHUNK) and the chunked one, against an explicit sum.
+    a = rng.standard_normal((6, length))
+    b = rng.standard_normal((9, length))
+    expected = (a[:, None, :] * b[None, :, :]).sum(axis=2)
+    np.testing.assert_allclose(matmul_nt(a, b), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_optimizer_kernels_match_formulas(backend, rng):
@@ -101,3 +104,36 @@ def test_small_map_max_pool_path_equals_offset_loop(window, monkeypatch, rng):
     # Each window's gradient went to exactly one input.
     np.testing.assert_allclose(back_small.sum(), grad.sum(), rtol=1e-5)
     assert (back_small != 0).sum() == (grad != 0).sum()
+
+
+def first_max_backward_reference(x, grad, window, stride):
+    """Loop over every window: its gradient goes to its first maximum in row-major order."""
+    c, h, w, n = x.shape
+    _, oh, ow, _ = grad.shape
+    out = np.zeros_like(x)
+    for ch, a, b, k in np.ndindex(c, oh, ow, n):
+        top, left = a * stride[0], b * stride[1]
+        patch = x[ch, top : top + window[0], left : left + window[1], k]
+        i, j = np.unravel_index(np.argmax(patch), patch.shape)  # argmax: first of equal maxima
+        out[ch, top + i, left + j, k] += grad[ch, a, b, k]
+    return out
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8, 3), (4, 9, 11, 3)])  # tiled whole, and cropped
+@pytest.mark.parametrize("ties", ["none", "some channels", "everywhere"])
+def test_max_pool_backward_routes_to_first_maximum(shape, ties, monkeypatch, rng):
+    """The NumPy backward for stride == window compares whole tiles at once, then keeps
+    only each window's first hit where a window holds equal maxima."""
+    monkeypatch.setattr(ops, "SMALL_MAP", 0)  # not the small-map argmax path
+    x = tie_free(shape, rng).astype(np.float32)
+    if ties == "some channels":
+        x[1] = np.round(x[1])
+        x[1, :2, :2] = 7.0  # a whole window of equal maxima
+    elif ties == "everywhere":
+        x = rng.integers(0, 2, shape).astype(np.float32)
+    window = (2, 2)
+    out_hw = (shape[1] // 2, shape[2] // 2)
+    grad = rng.standard_normal((shape[0], *out_hw, shape[3])).astype(np.float32)
+    _, saved = ops.max_pool(x, window, window, out_hw)
+    back = ops.max_pool_backward(saved, grad, window, window)
+    np.testing.assert_array_equal(back, first_max_backward_reference(x, grad, window, window))
