@@ -68,7 +68,23 @@ def digits_layers():  # conf/model/small_cnn.yaml
         Flatten(),
         Dense(128),
         ReLU(),
-        Dense(10),
+        Dense(10, init="glorot"),
+    ]
+
+
+def tiny_digits_layers():
+    """Not a preset: a digits net small enough for per-op overhead to dominate, the regime
+    the issue's digits target assumed. It averaged 98.0% test accuracy over 8 seeds but
+    fell to 97.8% on some, below the 98% bar that ``small_cnn`` holds (docs/performance.md).
+    Run it with ``--nets tinydigits32``."""
+    return [
+        Conv2D(16, 3, padding="same"),
+        ReLU(),
+        MaxPool2D(2),
+        Flatten(),
+        Dense(64),
+        ReLU(),
+        Dense(10, init="glorot"),
     ]
 
 
@@ -81,13 +97,14 @@ def lenet_layers():  # conf/model/lenet.yaml
         ReLU(),
         MaxPool2D(2),
         Flatten("C"),
-        Dense(10),
+        Dense(10, init="glorot"),
     ]
 
 
 NETS = {
     "lecture8x8": Net("lecture8x8", 1, (1, 8, 8), lecture_layers, "logistic", 2),
     "digits32": Net("digits32", 32, (1, 8, 8), digits_layers, "softmax", 10),
+    "tinydigits32": Net("tinydigits32", 32, (1, 8, 8), tiny_digits_layers, "softmax", 10),
     "lenet64": Net("lenet64", 64, (1, 28, 28), lenet_layers, "softmax", 10),
     "lenet256": Net("lenet256", 256, (1, 28, 28), lenet_layers, "softmax", 10),
     "lenet4096": Net("lenet4096", 4096, (1, 28, 28), lenet_layers, "softmax", 10),
