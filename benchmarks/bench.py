@@ -11,6 +11,12 @@ disturbs them alike; the table gives the median step time over rounds and the sp
 layers, x2, backward counted as 2x forward except the first layer's unneeded input
 gradient), the gpucnn/PyTorch time ratio on the same device, and a float32 GEMM
 ceiling measured the same way. Needs only numpy (and cupy / torch where present).
+
+Each block starts after ``--pause`` idle seconds. Without the pause the engines disturb
+each other: after a GEMM, OpenBLAS's worker thread spins for about 0.1 s before it
+sleeps, and an engine that starts inside that window shares its cores with it. On the
+2-core machine this made torch's LeNet steps 40-60% slower and flattered gpucnn's ratio
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -280,6 +286,7 @@ def run(args) -> dict:
         samples: dict[str, list[float]] = {e: [] for e in prepared}
         for _ in range(args.rounds):  # interleaved: every engine once per round
             for engine, (step, sync, _, reps) in prepared.items():
+                time.sleep(args.pause)
                 samples[engine].append(time_block(step, sync, reps))
         for engine, times in samples.items():
             results.append(summarise(net_name, engine, net.batch, times, flops))
@@ -392,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--gemm-size", type=int, default=1024)
     parser.add_argument("--cpu-only", action="store_true")
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=0.15,
+        help="idle seconds before each timed block, so BLAS threads left spinning by the "
+        "previous engine have gone to sleep (0 to disable)",
+    )
     parser.add_argument("--quick", action="store_true", help="CI smoke run: few rounds, small nets")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
