@@ -343,11 +343,22 @@ def summarise(net: str, engine: str, batch: int, times: list[float], flops: floa
     }
 
 
+def cpu_model() -> str:
+    """The processor's marketing name where Linux tells it, else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     info = {
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
     }
     cupy = cupy_status()[0]
