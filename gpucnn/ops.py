@@ -85,7 +85,8 @@ def max_pool(
         out, arg = cuda_kernels.max_pool(x, window, stride, out_hw)
         return out, (x.shape, arg)
     if _small_tiling(x.shape, window, stride, out_hw):
-        return _tiles(x, window).max(axis=(2, 4)), (x, None)
+        best = _tiles(x, window).max(axis=(2, 4))
+        return best, (x, best)
     offsets = _offsets(window)
     out = xp.empty((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
 
@@ -110,8 +111,6 @@ def max_pool_backward(
         x_shape, arg = saved
         return cuda_kernels.max_pool_backward(arg, grad_out, x_shape, window, stride)
     x, best = saved
-    if best is None:  # a small map tiled by its windows (see max_pool)
-        return _tiled_max_backward(x, grad_out, window)
     out_hw = best.shape[1:3]
     disjoint = stride[0] >= window[0] and stride[1] >= window[1]
     grad_in = (xp.empty if disjoint and _covers(x.shape, window, stride, out_hw) else xp.zeros)(
@@ -184,20 +183,6 @@ def _keep_first_hits(hit: Array, window: tuple[int, int]) -> None:
 def _spread(per_window: Array) -> Array:
     """(C, OH, OW, N) -> the view (C, OH, 1, OW, 1, N) that broadcasts against _tiles."""
     return per_window[:, :, None, :, None, :]
-
-
-def _tiled_max_backward(x: Array, grad_out: Array, window: tuple[int, int]) -> Array:
-    """Gradient to each window's first maximum via argmax over the window's entries in
-    row-major order (argmax returns the first of equal maxima)."""
-    xp = array_module(x)
-    c, h, w, n = x.shape
-    qh, qw = window
-    oh, ow = h // qh, w // qw
-    entries = _tiles(x, window).transpose(0, 1, 3, 5, 2, 4).reshape(c, oh, ow, n, qh * qw)
-    winner = entries.argmax(axis=-1)[..., None]
-    routed = xp.zeros(entries.shape, dtype=grad_out.dtype)
-    xp.put_along_axis(routed, winner, grad_out[..., None], axis=-1)
-    return routed.reshape(c, oh, ow, n, qh, qw).transpose(0, 1, 4, 2, 5, 3).reshape(c, h, w, n)
 
 
 def _covers(

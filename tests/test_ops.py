@@ -86,7 +86,8 @@ def test_optimizer_kernels_match_formulas(backend, rng):
 
 @pytest.mark.parametrize("window", [(2, 2), (3, 3), (2, 3)])
 def test_small_map_max_pool_path_equals_offset_loop(window, monkeypatch, rng):
-    """Both NumPy max-pool paths, on inputs full of ties: same output, same routing."""
+    """Both NumPy max-pool forward paths (reshape for small maps, one maximum per offset
+    otherwise), on inputs full of ties: same output, and the same routing after them."""
     shape = (3, 6 * window[0] // 2 * 2, 6 * window[1] // 2 * 2, 2)
     out_hw = (shape[1] // window[0], shape[2] // window[1])
     x = rng.integers(0, 3, shape).astype(np.float32)  # many equal values per window
