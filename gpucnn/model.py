@@ -16,6 +16,7 @@ parameters and gradients are addressed by name, e.g. ``"conv1.weight"``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -33,6 +34,7 @@ from gpucnn.backend import (
 from gpucnn.im2col import nchw_to_internal
 from gpucnn.layers import Layer, layer_from_config
 from gpucnn.losses import Head, head_from_config
+from gpucnn.ops import batch_parts, run_parts
 from gpucnn.optim import Optimizer, make_optimizer
 
 CHECKPOINT_FORMAT = "gpucnn-checkpoint-v1"
@@ -89,6 +91,8 @@ class Sequential:
         self.execution_order = plan_execution(self.layers)
         self.grads: dict[str, Array] = {}
         self._loss_ready = False
+        self._parts: list[slice] = []
+        self._clones: list[tuple[list[Layer], Head]] = []
 
     def _name_layers(self) -> None:
         counts: dict[str, int] = {}
@@ -134,7 +138,13 @@ class Sequential:
         return sum(int(v.size) for v in self.params.values())
 
     # -- computation -----------------------------------------------------------------
+    # On NumPy a large batch is split into contiguous slices of samples that run in
+    # parallel threads (gpucnn.ops.batch_parts / run_parts). Slice k > 0 runs through a
+    # clone of the layers and head that shares their parameters but keeps its own caches;
+    # the loss and gradients are the slices' values weighted by their share of the batch,
+    # equal to the unsplit ones up to float rounding.
     def _prepare_input(self, x: Any) -> Array:
+        """Checked public-layout batch on the model's backend (not yet internal)."""
         x = self.backend.asarray(x, self.dtype)
         if tuple(x.shape[1:]) != self.input_shape or x.ndim != len(self.input_shape) + 1:
             raise ValueError(
@@ -142,14 +152,40 @@ class Sequential:
                 f"{', '.join(map(str, self.input_shape))})"
                 + (" (NCHW)" if len(self.input_shape) == 3 else "")
             )
-        return nchw_to_internal(x) if x.ndim == 4 else x
+        return x
+
+    def _split(self, n: int) -> list[slice]:
+        """The batch slices for ``n`` samples, with a layer clone ready for each but the
+        first (made here, on the calling thread, never inside a part)."""
+        parts = batch_parts(self.backend.xp, n)
+        while len(self._clones) < len(parts) - 1:
+            layers = []
+            for layer in self.layers:
+                clone = copy.copy(layer)  # shares the params dict; own caches from here on
+                clone.grads = {}
+                layers.append(clone)
+            self._clones.append((layers, copy.copy(self.head)))
+        return parts
+
+    def _part(self, k: int) -> tuple[list[Layer], Head]:
+        """Layers and head for batch slice k: the model's own for k = 0, else a clone."""
+        return (self.layers, self.head) if k == 0 else self._clones[k - 1]
+
+    def _run_layers(self, layers: list[Layer], x: Array) -> Array:
+        h = nchw_to_internal(x) if x.ndim == 4 else x
+        for index in self.execution_order:
+            h = layers[index]._forward(h)
+        return h
+
+    def _weights(self, parts: list[slice], n: int) -> list[float]:
+        return [(part.stop - part.start) / n for part in parts]
 
     def forward(self, x: Any) -> Array:
         """The head's input (logits / net) for a batch, shape (N,) + output_shape."""
-        h = self._prepare_input(x)
-        for index in self.execution_order:
-            h = self.layers[index]._forward(h)
-        return h
+        x = self._prepare_input(x)
+        parts = self._split(x.shape[0])
+        outs = run_parts(parts, lambda k, part: self._run_layers(self._part(k)[0], x[part]))
+        return outs[0] if len(outs) == 1 else self.backend.xp.concatenate(outs)
 
     def loss(self, x: Any, labels: Any, penalty: bool = True) -> Array:
         """Mean loss over the batch (plus the L2 penalty unless ``penalty=False``), as a
@@ -159,10 +195,23 @@ class Sequential:
         :func:`gpucnn.backend.to_scalar` when you want the number. The head's input is
         kept in ``last_output`` (for accuracy without a second forward pass).
         """
-        net = self.forward(x)
-        self.last_output = net
+        x = self._prepare_input(x)
         labels = self.backend.asarray(labels)
-        value = self.head.forward(net, labels)
+        parts = self._split(x.shape[0])
+
+        def forward_part(k: int, part: slice) -> tuple[Array, Array]:
+            layers, head = self._part(k)
+            net = self._run_layers(layers, x[part])
+            return net, head.forward(net, labels[part])
+
+        results = run_parts(parts, forward_part)
+        if len(results) == 1:
+            self.last_output, value = results[0]
+        else:
+            self.last_output = self.backend.xp.concatenate([net for net, _ in results])
+            weights = self._weights(parts, x.shape[0])
+            value = sum(w * part_loss for w, (_, part_loss) in zip(weights, results, strict=True))
+        self._parts = parts
         if self.l2 and penalty:
             params = self.params
             penalty = sum((params[k] * params[k]).sum() for k in self.decayed_params())
@@ -174,11 +223,24 @@ class Sequential:
         """Backpropagate the last :meth:`loss`; fills and returns ``grads`` by name."""
         if not self._loss_ready:
             raise RuntimeError("call loss(x, labels) before backward()")
-        grad = self.head.backward()
         order = self.execution_order
-        for position in range(len(order) - 1, -1, -1):
-            # The first layer's input gradient is never used: skip its col2im.
-            grad = self.layers[order[position]]._backward(grad, need_input_grad=position > 0)
+
+        def backward_part(k: int, part: slice) -> list[dict[str, Array]]:
+            layers, head = self._part(k)
+            grad = head.backward()
+            for position in range(len(order) - 1, -1, -1):
+                # The first layer's input gradient is never used: skip its col2im.
+                grad = layers[order[position]]._backward(grad, need_input_grad=position > 0)
+            return [layer.grads for layer in layers]
+
+        results = run_parts(self._parts, backward_part)
+        if len(results) > 1:  # weighted sum into the model's own layers
+            weights = self._weights(self._parts, self._parts[-1].stop)
+            for i, layer in enumerate(self.layers):
+                for key in layer.grads:
+                    layer.grads[key] = sum(
+                        w * part[i][key] for w, part in zip(weights, results, strict=True)
+                    )
         grads = {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.grads.items()}
         if self.l2:
             params = self.params

@@ -11,21 +11,38 @@ hand-off costs tens of microseconds. CuPy arrays always take the single-call pat
 (docs/performance.md). On 2 CPUs it is 1 (off): OpenBLAS's own threads keep both cores
 busy around each GEMM, and a second pool made a LeNet step 10-40% slower. On more CPUs it
 is 4, which made a LeNet step at batch 256 15% faster on a 16-core host.
+
+A larger batch is split coarser: :func:`batch_parts` cuts it into contiguous slices of
+samples and :func:`run_parts` runs a whole forward or backward pass on each slice in its
+own thread (the model keeps a clone of its layers per slice). OpenBLAS is limited to its
+share of the cores meanwhile, through threadpoolctl, and the fine-grained pool above runs
+inline inside a part. ``GPUCNN_BATCH_THREADS`` sets the number of parts (default 2 where
+there are 2 or more CPUs; 1 turns splitting off). A part gets at least
+``MIN_PART_SAMPLES`` samples: below that, on the 2-core machine, the threads' Python
+overhead and hand-offs cost more than they saved (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, TypeVar
 
 from gpucnn import cuda_kernels
 from gpucnn.backend import Array, array_module, is_gpu
 
-THREADS = max(1, int(os.environ.get("GPUCNN_THREADS", 1 if (os.cpu_count() or 1) <= 2 else 4)))
+CPUS = os.cpu_count() or 1
+THREADS = max(1, int(os.environ.get("GPUCNN_THREADS", 1 if CPUS <= 2 else 4)))
 PARALLEL_MIN_ELEMENTS = 1 << 16
+BATCH_THREADS = max(1, int(os.environ.get("GPUCNN_BATCH_THREADS", min(2, CPUS))))
+MIN_PART_SAMPLES = 64
 _EXECUTOR: list[ThreadPoolExecutor] = []
+_PART_EXECUTOR: list[ThreadPoolExecutor] = []
+_BLAS: list[Any] = []  # [threadpoolctl controller of the BLAS libraries, or None]
+_IN_PART = threading.local()
+T = TypeVar("T")
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -41,7 +58,7 @@ def parallel_for(xp: Any, count: int, work: int, body: Callable[[int, int], None
     parts must write disjoint memory.
     """
     parts = min(THREADS, count)
-    if parts <= 1 or work < PARALLEL_MIN_ELEMENTS or is_gpu(xp):
+    if parts <= 1 or work < PARALLEL_MIN_ELEMENTS or is_gpu(xp) or _inside_part():
         body(0, count)
         return
     bounds = [count * k // parts for k in range(parts + 1)]
@@ -49,6 +66,68 @@ def parallel_for(xp: Any, count: int, work: int, body: Callable[[int, int], None
     body(bounds[0], bounds[1])
     for future in futures:
         future.result()
+
+
+def _blas_controller() -> Any:
+    """threadpoolctl's handle on the loaded BLAS libraries, or None where it cannot act."""
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+
+            blas = ThreadpoolController().select(user_api="blas")
+            _BLAS.append(blas if blas.lib_controllers else None)
+        except ImportError:
+            _BLAS.append(None)
+    return _BLAS[0]
+
+
+def _inside_part() -> bool:
+    return getattr(_IN_PART, "active", False)
+
+
+def batch_parts(xp: Any, n: int) -> list[slice]:
+    """Contiguous slices of a batch of ``n`` samples, one per thread that will run it.
+
+    One slice (no split) on CuPy, for small batches, inside a part already, or where
+    OpenBLAS's threads cannot be limited (the split would oversubscribe the cores).
+    """
+    parts = min(BATCH_THREADS, n // MIN_PART_SAMPLES)
+    if parts <= 1 or is_gpu(xp) or _inside_part() or _blas_controller() is None:
+        return [slice(0, n)]
+    bounds = [n * k // parts for k in range(parts + 1)]
+    return [slice(bounds[k], bounds[k + 1]) for k in range(parts)]
+
+
+def run_parts(parts: list[slice], body: Callable[[int, slice], T]) -> list[T]:
+    """``[body(k, parts[k]) for k ...]``, each part on its own thread when there are several.
+
+    Part 0 runs on the calling thread. Every part has finished when this returns, also
+    when one of them raised (the first error is re-raised).
+    """
+    if len(parts) == 1:
+        return [body(0, parts[0])]
+    if not _PART_EXECUTOR:
+        _PART_EXECUTOR.append(
+            ThreadPoolExecutor(BATCH_THREADS - 1, thread_name_prefix="gpucnn-part")
+        )
+    blas_threads = max(1, CPUS // len(parts))
+    with _blas_controller().limit(limits=blas_threads):
+        futures = [
+            _PART_EXECUTOR[0].submit(_run_part, body, k, parts[k]) for k in range(1, len(parts))
+        ]
+        try:
+            first = _run_part(body, 0, parts[0])
+        finally:
+            wait(futures)
+        return [first, *(future.result() for future in futures)]
+
+
+def _run_part(body: Callable[[int, slice], T], k: int, part: slice) -> T:
+    _IN_PART.active = True
+    try:
+        return body(k, part)
+    finally:
+        _IN_PART.active = False
 
 
 def window_slices(

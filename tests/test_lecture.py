@@ -11,6 +11,7 @@ import pytest
 
 from gpucnn import Conv2D, Dense, Flatten, LogisticLogLikelihood, MaxPool2D, Sequential
 from gpucnn.backend import to_host
+from gpucnn.im2col import nchw_to_internal
 from gpucnn.layers import Pool2D
 from tests.gradcheck import numerical_gradient
 
@@ -50,7 +51,7 @@ def lecture_model(backend, flatten_order="F"):
 
 def run_layers(model, x):
     """Each intermediate of the forward pass, on the host."""
-    out, h = {}, model._prepare_input(x)
+    out, h = {}, nchw_to_internal(model._prepare_input(x))
     for layer in model.layers:
         h = layer._forward(h)
         out[layer.name] = h

@@ -1,0 +1,176 @@
+"""A large NumPy batch runs as slices of samples on parallel threads (gpucnn.ops.batch_parts
+and run_parts): the loss, the outputs and every gradient must equal the unsplit ones."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import gpucnn.ops as ops
+from gpucnn import (
+    Conv2D,
+    Dense,
+    Flatten,
+    GradientAscent,
+    L2Pool2D,
+    LogisticLogLikelihood,
+    MaxPool2D,
+    ReLU,
+    Sequential,
+    SoftmaxCrossEntropy,
+    Tanh,
+)
+from gpucnn.data import Dataset
+from gpucnn.layers import AvgPool2D
+from gpucnn.training import fit
+
+pytest.importorskip("threadpoolctl")
+
+
+@pytest.fixture
+def split_in_three(monkeypatch):
+    """Split any batch of 3 * 4 or more samples into three parts, on a fresh executor."""
+    monkeypatch.setattr(ops, "BATCH_THREADS", 3)
+    monkeypatch.setattr(ops, "MIN_PART_SAMPLES", 4)
+    monkeypatch.setattr(ops, "_PART_EXECUTOR", [])
+
+
+def build(head: str) -> Sequential:
+    """A colour net with conv ('same' and valid), every pool kind, Tanh, ReLU and Dense."""
+    layers = [
+        Conv2D(4, 3, padding="same"),
+        ReLU(),
+        MaxPool2D(2),  # 9 -> 4: the last row and column are outside every window
+        Conv2D(5, 2, stride=1),
+        Tanh(),
+        L2Pool2D(2, 1),
+        AvgPool2D(2),
+        Flatten("F"),
+        Dense(6),
+        ReLU(),
+        Dense(1 if head == "logistic" else 3),
+    ]
+    loss = LogisticLogLikelihood() if head == "logistic" else SoftmaxCrossEntropy()
+    return Sequential(layers, loss, (3, 9, 9), dtype="float64", seed=3, l2=0.01)
+
+
+@pytest.mark.parametrize("head", ["logistic", "softmax"])
+def test_split_batch_equals_unsplit(head, split_in_three, monkeypatch, rng):
+    x = rng.standard_normal((13, 3, 9, 9))  # 13 = 4 + 4 + 5: unequal parts
+    labels = rng.integers(0, 2 if head == "logistic" else 3, 13)
+    split, whole = build(head), build(head)
+
+    loss_split = float(split.loss(x, labels))
+    grads_split = {k: v.copy() for k, v in split.backward().items()}
+    assert [(p.start, p.stop) for p in split._parts] == [(0, 4), (4, 8), (8, 13)]
+    with monkeypatch.context() as patch:
+        patch.setattr(ops, "BATCH_THREADS", 1)
+        loss_whole = float(whole.loss(x, labels))
+        grads_whole = whole.backward()
+        assert len(whole._parts) == 1
+        forward_whole = whole.forward(x)
+
+    np.testing.assert_allclose(loss_split, loss_whole, rtol=1e-12)
+    np.testing.assert_allclose(split.last_output, whole.last_output, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(split.forward(x), forward_whole, rtol=1e-12, atol=1e-14)
+    assert set(grads_split) == set(grads_whole) == set(split.params)
+    for key, value in grads_whole.items():
+        np.testing.assert_allclose(grads_split[key], value, rtol=1e-10, atol=1e-14, err_msg=key)
+    # The layers' own gradients hold the whole batch's, not the first slice's.
+    for layer in split.layers:
+        for key, value in layer.grads.items():
+            expected = whole.layer(layer.name).grads[key]
+            np.testing.assert_allclose(value, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_split_training_matches_unsplit(split_in_three, monkeypatch, rng):
+    x = rng.standard_normal((40, 3, 9, 9))
+    y = rng.integers(0, 3, 40)
+    data = Dataset("random", x, y, x[:5], y[:5], x[:5], y[:5], num_classes=3)
+    split, whole = build("softmax"), build("softmax")
+    fit(split, GradientAscent(0.1), data, epochs=2, batch_size=16, progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(ops, "BATCH_THREADS", 1)
+        fit(whole, GradientAscent(0.1), data, epochs=2, batch_size=16, progress=False)
+    for key, value in whole.params.items():
+        np.testing.assert_allclose(split.params[key], value, rtol=1e-9, atol=1e-12, err_msg=key)
+
+
+def test_fine_grained_pool_runs_inline_inside_a_part(split_in_three, monkeypatch, rng):
+    """With the per-primitive pool forced on as well, nothing nests on a pool (which
+    could deadlock) and the result is unchanged."""
+    monkeypatch.setattr(ops, "THREADS", 3)
+    monkeypatch.setattr(ops, "PARALLEL_MIN_ELEMENTS", 0)
+    calls_in_parts = []
+    original = ops._executor
+    monkeypatch.setattr(
+        ops, "_executor", lambda: calls_in_parts.append(ops._inside_part()) or original()
+    )
+    x = rng.standard_normal((12, 3, 9, 9))
+    labels = rng.integers(0, 3, 12)
+    split, whole = build("softmax"), build("softmax")
+    split.loss(x, labels)
+    grads = split.backward()
+    assert not any(calls_in_parts)
+    with monkeypatch.context() as patch:
+        patch.setattr(ops, "BATCH_THREADS", 1)
+        whole.loss(x, labels)
+        for key, value in whole.backward().items():
+            np.testing.assert_allclose(grads[key], value, rtol=1e-10, atol=1e-14)
+
+
+def test_batch_parts_policy(monkeypatch):
+    monkeypatch.setattr(ops, "BATCH_THREADS", 2)
+    monkeypatch.setattr(ops, "MIN_PART_SAMPLES", 64)
+    assert ops.batch_parts(np, 127) == [slice(0, 127)]
+    assert ops.batch_parts(np, 129) == [slice(0, 64), slice(64, 129)]
+    monkeypatch.setattr(ops, "_BLAS", [None])  # no way to limit BLAS threads: never split
+    assert ops.batch_parts(np, 1024) == [slice(0, 1024)]
+
+
+def test_run_parts_limits_blas_and_restores_it(monkeypatch):
+    monkeypatch.setattr(ops, "BATCH_THREADS", 2)
+    monkeypatch.setattr(ops, "_PART_EXECUTOR", [])
+    blas = ops._blas_controller()
+    before = [lib["num_threads"] for lib in blas.info()]
+    seen = ops.run_parts(
+        [slice(0, 1), slice(1, 2)],
+        lambda k, part: (k, ops._inside_part(), [lib["num_threads"] for lib in blas.info()]),
+    )
+    share = max(1, ops.CPUS // 2)
+    assert seen == [(0, True, [share] * len(before)), (1, True, [share] * len(before))]
+    assert [lib["num_threads"] for lib in blas.info()] == before
+    assert not ops._inside_part()
+
+
+def test_run_parts_finishes_every_part_and_reraises(monkeypatch):
+    monkeypatch.setattr(ops, "BATCH_THREADS", 2)
+    monkeypatch.setattr(ops, "_PART_EXECUTOR", [])
+    finished = threading.Event()
+
+    def body(k, part):
+        if k == 0:
+            raise RuntimeError("part 0 failed")
+        time.sleep(0.2)
+        finished.set()
+
+    with pytest.raises(RuntimeError, match="part 0 failed"):
+        ops.run_parts([slice(0, 1), slice(1, 2)], body)
+    assert finished.is_set()  # the other part was waited for, not abandoned
+
+    def fails_in_worker(k, part):
+        if k == 1:
+            raise ValueError("part 1 failed")
+        return k
+
+    with pytest.raises(ValueError, match="part 1 failed"):
+        ops.run_parts([slice(0, 1), slice(1, 2)], fails_in_worker)
+
+
+def test_no_split_on_cupy(backend):
+    if not backend.is_gpu:
+        pytest.skip("checks the CuPy policy")
+    assert ops.batch_parts(backend.xp, 4096) == [slice(0, 4096)]
