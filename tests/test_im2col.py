@@ -16,6 +16,7 @@ CASES = [
     ((3, 6, 5, 4), 2, 3, 1, 2),
     ((2, 8, 8, 1), 4, 4, 4, 4),
     ((1, 5, 5, 2), 5, 5, 1, 1),
+    ((2, 8, 7, 2), 3, 2, 2, 3),  # strides that leave rows and columns unread
 ]
 
 
@@ -58,3 +59,13 @@ def test_layout_round_trip(backend, rng):
     internal = nchw_to_internal(backend.asarray(x))
     assert internal.shape == (3, 5, 6, 4) and internal.flags.c_contiguous
     np.testing.assert_array_equal(to_host(internal_to_nchw(internal)), x)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_im2col_of_a_strided_view(flip, rng):
+    """NumPy's im2col reads through the input's own strides: a sliced view works too."""
+    base = rng.standard_normal((3, 9, 12, 4))
+    x = base[1:, ::-1, ::2, :]  # not contiguous, one axis reversed
+    assert not x.flags.c_contiguous
+    expected = loop_im2col(x, 3, 2, 2, 1, flip)
+    np.testing.assert_array_equal(im2col(x, 3, 2, 2, 1, flip=flip), expected)
