@@ -110,8 +110,10 @@ def run_parts(parts: list[slice], body: Callable[[int, slice], T]) -> list[T]:
         _PART_EXECUTOR.append(
             ThreadPoolExecutor(BATCH_THREADS - 1, thread_name_prefix="gpucnn-part")
         )
-    blas_threads = max(1, CPUS // len(parts))
-    with _blas_controller().limit(limits=blas_threads):
+    blas = _blas_controller()
+    share = max(1, CPUS // len(parts))  # never more than the user had set
+    limits = {lib.filepath: min(share, lib.num_threads) for lib in blas.lib_controllers}
+    with blas.limit(limits=limits):
         futures = [
             _PART_EXECUTOR[0].submit(_run_part, body, k, parts[k]) for k in range(1, len(parts))
         ]

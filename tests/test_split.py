@@ -146,6 +146,24 @@ def test_run_parts_limits_blas_and_restores_it(monkeypatch):
     assert not ops._inside_part()
 
 
+def test_run_parts_never_raises_the_users_blas_threads(monkeypatch):
+    """On a many-core host a slice's share is several threads; a user who limited BLAS to
+    one thread keeps one."""
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    monkeypatch.setattr(ops, "BATCH_THREADS", 2)
+    monkeypatch.setattr(ops, "_PART_EXECUTOR", [])
+    monkeypatch.setattr(ops, "CPUS", 16)
+    blas = ops._blas_controller()
+    with threadpool_limits(limits=1, user_api="blas"):
+        seen = ops.run_parts(
+            [slice(0, 1), slice(1, 2)],
+            lambda k, part: [lib["num_threads"] for lib in blas.info()],
+        )
+        assert seen == [[1] * len(blas.lib_controllers)] * 2
+        assert [lib["num_threads"] for lib in blas.info()] == [1] * len(blas.lib_controllers)
+
+
 def test_run_parts_finishes_every_part_and_reraises(monkeypatch):
     monkeypatch.setattr(ops, "BATCH_THREADS", 2)
     monkeypatch.setattr(ops, "_PART_EXECUTOR", [])
