@@ -17,9 +17,11 @@ samples and :func:`run_parts` runs a whole forward or backward pass on each slic
 own thread (the model keeps a clone of its layers per slice). OpenBLAS is limited to its
 share of the cores meanwhile, through threadpoolctl, and the fine-grained pool above runs
 inline inside a part. ``GPUCNN_BATCH_THREADS`` sets the number of parts (default 2 where
-there are 2 or more CPUs; 1 turns splitting off). A part gets at least
-``MIN_PART_SAMPLES`` samples: below that, on the 2-core machine, the threads' Python
-overhead and hand-offs cost more than they saved (docs/performance.md).
+there are 2 or more CPUs; 1 turns splitting off); it never exceeds BLAS's own thread
+setting, so ``OPENBLAS_NUM_THREADS=1`` (or a joblib worker's budget) keeps one thread.
+A part gets at least ``MIN_PART_SAMPLES`` samples: below that, on the 2-core machine,
+the threads' Python overhead and hand-offs cost more than they saved
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -88,11 +90,17 @@ def _inside_part() -> bool:
 def batch_parts(xp: Any, n: int) -> list[slice]:
     """Contiguous slices of a batch of ``n`` samples, one per thread that will run it.
 
-    One slice (no split) on CuPy, for small batches, inside a part already, or where
-    OpenBLAS's threads cannot be limited (the split would oversubscribe the cores).
+    One slice (no split) on CuPy, for small batches, inside a part already, where BLAS
+    is held to one thread, or where its threads cannot be limited (the split would
+    oversubscribe the cores).
     """
     parts = min(BATCH_THREADS, n // MIN_PART_SAMPLES)
     if parts <= 1 or is_gpu(xp) or _inside_part() or _blas_controller() is None:
+        return [slice(0, n)]
+    # The BLAS thread setting is the thread budget (OPENBLAS_NUM_THREADS, or what a
+    # launcher such as joblib's gave this worker process): stay within it.
+    parts = min(parts, *(lib.num_threads for lib in _blas_controller().lib_controllers))
+    if parts <= 1:
         return [slice(0, n)]
     bounds = [n * k // parts for k in range(parts + 1)]
     return [slice(bounds[k], bounds[k + 1]) for k in range(parts)]

@@ -32,10 +32,16 @@ pytest.importorskip("threadpoolctl")
 
 @pytest.fixture
 def split_in_three(monkeypatch):
-    """Split any batch of 3 * 4 or more samples into three parts, on a fresh executor."""
+    """Split any batch of 3 * 4 or more samples into three parts, on a fresh executor
+    (with a BLAS thread budget of 3, whatever this machine's)."""
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
     monkeypatch.setattr(ops, "BATCH_THREADS", 3)
     monkeypatch.setattr(ops, "MIN_PART_SAMPLES", 4)
     monkeypatch.setattr(ops, "_PART_EXECUTOR", [])
+    ops._blas_controller()
+    with threadpool_limits(limits=3, user_api="blas"):
+        yield
 
 
 def build(head: str) -> Sequential:
@@ -125,8 +131,14 @@ def test_fine_grained_pool_runs_inline_inside_a_part(split_in_three, monkeypatch
 def test_batch_parts_policy(monkeypatch):
     monkeypatch.setattr(ops, "BATCH_THREADS", 2)
     monkeypatch.setattr(ops, "MIN_PART_SAMPLES", 64)
-    assert ops.batch_parts(np, 127) == [slice(0, 127)]
-    assert ops.batch_parts(np, 129) == [slice(0, 64), slice(64, 129)]
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    ops._blas_controller()
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert ops.batch_parts(np, 127) == [slice(0, 127)]
+        assert ops.batch_parts(np, 129) == [slice(0, 64), slice(64, 129)]
+    with threadpool_limits(limits=1, user_api="blas"):  # a one-thread budget: no split
+        assert ops.batch_parts(np, 1024) == [slice(0, 1024)]
     monkeypatch.setattr(ops, "_BLAS", [None])  # no way to limit BLAS threads: never split
     assert ops.batch_parts(np, 1024) == [slice(0, 1024)]
 
@@ -140,8 +152,8 @@ def test_run_parts_limits_blas_and_restores_it(monkeypatch):
         [slice(0, 1), slice(1, 2)],
         lambda k, part: (k, ops._inside_part(), [lib["num_threads"] for lib in blas.info()]),
     )
-    share = max(1, ops.CPUS // 2)
-    assert seen == [(0, True, [share] * len(before)), (1, True, [share] * len(before))]
+    inside = [min(max(1, ops.CPUS // 2), threads) for threads in before]
+    assert seen == [(0, True, inside), (1, True, inside)]
     assert [lib["num_threads"] for lib in blas.info()] == before
     assert not ops._inside_part()
 
