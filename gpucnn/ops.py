@@ -8,8 +8,9 @@ offsets for im2col. Arrays below ``PARALLEL_MIN_ELEMENTS`` stay on one thread, b
 hand-off costs tens of microseconds. CuPy arrays always take the single-call path.
 
 ``GPUCNN_THREADS`` sets the pool size. The default follows what we measured
-(docs/performance.md). On 2 CPUs it is 1 (off): OpenBLAS's own threads keep both cores
-busy around each GEMM, and a second pool made a LeNet step 10-40% slower. On more CPUs it
+(docs/performance.md). On 2 CPUs it is 1 (off): after each GEMM OpenBLAS's worker spins
+for about 0.1 s on the other core, and a second pool competing with it made a LeNet step
+10-40% slower. On more CPUs it
 is 4, which made a LeNet step at batch 256 15% faster on a 16-core host.
 
 A larger batch is split coarser: :func:`batch_parts` cuts it into contiguous slices of
