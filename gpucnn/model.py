@@ -197,6 +197,9 @@ class Sequential:
         """
         x = self._prepare_input(x)
         labels = self.backend.asarray(labels)
+        if labels.ndim == 0 or labels.size != x.shape[0]:  # checked whole, before any split
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({x.shape[0]},)")
+        labels = labels.reshape(-1)
         parts = self._split(x.shape[0])
 
         def forward_part(k: int, part: slice) -> tuple[Array, Array]:

@@ -204,3 +204,9 @@ def test_no_split_on_cupy(backend):
     if not backend.is_gpu:
         pytest.skip("checks the CuPy policy")
     assert ops.batch_parts(backend.xp, 4096) == [slice(0, 4096)]
+
+
+def test_label_count_is_checked_for_the_whole_batch(split_in_three, rng):
+    model = build("softmax")
+    with pytest.raises(ValueError, match=r"labels have shape \(12,\), expected \(13,\)"):
+        model.loss(rng.standard_normal((13, 3, 9, 9)), rng.integers(0, 3, 12))
