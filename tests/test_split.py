@@ -27,20 +27,18 @@ from gpucnn.data import Dataset
 from gpucnn.layers import AvgPool2D
 from gpucnn.training import fit
 
-pytest.importorskip("threadpoolctl")
+threadpoolctl = pytest.importorskip("threadpoolctl")
 
 
 @pytest.fixture
 def split_in_three(monkeypatch):
     """Split any batch of 3 * 4 or more samples into three parts, on a fresh executor
     (with a BLAS thread budget of 3, whatever this machine's)."""
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
-
     monkeypatch.setattr(ops, "BATCH_THREADS", 3)
     monkeypatch.setattr(ops, "MIN_PART_SAMPLES", 4)
     monkeypatch.setattr(ops, "_PART_EXECUTOR", [])
     ops._blas_controller()
-    with threadpool_limits(limits=3, user_api="blas"):
+    with threadpoolctl.threadpool_limits(limits=3, user_api="blas"):
         yield
 
 
@@ -131,13 +129,11 @@ def test_fine_grained_pool_runs_inline_inside_a_part(split_in_three, monkeypatch
 def test_batch_parts_policy(monkeypatch):
     monkeypatch.setattr(ops, "BATCH_THREADS", 2)
     monkeypatch.setattr(ops, "MIN_PART_SAMPLES", 64)
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
-
     ops._blas_controller()
-    with threadpool_limits(limits=2, user_api="blas"):
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
         assert ops.batch_parts(np, 127) == [slice(0, 127)]
         assert ops.batch_parts(np, 129) == [slice(0, 64), slice(64, 129)]
-    with threadpool_limits(limits=1, user_api="blas"):  # a one-thread budget: no split
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):  # one-thread budget
         assert ops.batch_parts(np, 1024) == [slice(0, 1024)]
     monkeypatch.setattr(ops, "_BLAS", [None])  # no way to limit BLAS threads: never split
     assert ops.batch_parts(np, 1024) == [slice(0, 1024)]
@@ -161,13 +157,11 @@ def test_run_parts_limits_blas_and_restores_it(monkeypatch):
 def test_run_parts_never_raises_the_users_blas_threads(monkeypatch):
     """On a many-core host a slice's share is several threads; a user who limited BLAS to
     one thread keeps one."""
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
-
     monkeypatch.setattr(ops, "BATCH_THREADS", 2)
     monkeypatch.setattr(ops, "_PART_EXECUTOR", [])
     monkeypatch.setattr(ops, "CPUS", 16)
     blas = ops._blas_controller()
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         seen = ops.run_parts(
             [slice(0, 1), slice(1, 2)],
             lambda k, part: [lib["num_threads"] for lib in blas.info()],
