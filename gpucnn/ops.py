@@ -40,7 +40,7 @@ CPUS = os.cpu_count() or 1
 THREADS = max(1, int(os.environ.get("GPUCNN_THREADS", 1 if CPUS <= 2 else 4)))
 PARALLEL_MIN_ELEMENTS = 1 << 16
 BATCH_THREADS = max(1, int(os.environ.get("GPUCNN_BATCH_THREADS", min(2, CPUS))))
-MIN_PART_SAMPLES = 32
+MIN_PART_SAMPLES = 64
 _EXECUTOR: list[ThreadPoolExecutor] = []
 _PART_EXECUTOR: list[ThreadPoolExecutor] = []
 _BLAS: list[Any] = []  # [threadpoolctl controller of the BLAS libraries, or None]
