@@ -8,18 +8,56 @@ points elsewhere (e.g. an ``http://`` tracking server).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import signal
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 PARENT_RUN_ENV = "GPUCNN_PARENT_RUN_ID"
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt.
+
+    A store write cut in half can leave SQLite locked by the interrupted transaction, and
+    then marking the run KILLED fails with "database is locked". Off the main thread,
+    where Python delivers no signals, this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        if received:
+            raise KeyboardInterrupt
+
+
+def _whole(method: F) -> F:
+    """Run a store write with Ctrl-C held (see :func:`deferred_interrupt`)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with deferred_interrupt():
+            return method(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class Tracker:
@@ -185,6 +223,7 @@ class MlflowTracker(Tracker):
         self.run_id = run_id
         self._pending: list[Any] = []
 
+    @_whole
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param  # noqa: PLC0415
 
@@ -210,6 +249,7 @@ class MlflowTracker(Tracker):
         if len(self._pending) >= METRICS_PER_BATCH:
             self.flush()
 
+    @_whole
     def flush(self) -> None:
         while self._pending:
             chunk, self._pending = (
@@ -218,20 +258,24 @@ class MlflowTracker(Tracker):
             )
             self.client.log_batch(self.run_id, metrics=chunk)
 
+    @_whole
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         import mlflow  # noqa: PLC0415
 
         mlflow.log_image(image, key=key, step=int(step), synchronous=True)
 
+    @_whole
     def log_array(self, name: str, array: np.ndarray) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             np.save(path, array, allow_pickle=False)
             self.client.log_artifact(self.run_id, str(path), "kernels")
 
+    @_whole
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 
+    @_whole
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value)[:5000])

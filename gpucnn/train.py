@@ -31,6 +31,7 @@ from gpucnn.tracking import (
     PARENT_RUN_FILE,
     MlflowTracker,
     confusion_image,
+    deferred_interrupt,
     ensure_experiment,
     flatten_params,
     git_commit,
@@ -119,12 +120,18 @@ def run(cfg: DictConfig) -> float:
     if commit:
         tags["mlflow.source.git.commit"] = commit
     parent = parent_run_id(hydra_cfg)
-    with mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=config["tracking"]["run_name"],
-        parent_run_id=parent,
-        tags=tags,
-    ) as active:
+    try:
+        with deferred_interrupt():  # Ctrl-C here comes after the run exists: mark it
+            active = mlflow.start_run(
+                experiment_id=experiment_id,
+                run_name=config["tracking"]["run_name"],
+                parent_run_id=parent,
+                tags=tags,
+            )
+    except KeyboardInterrupt:
+        _mark_killed(mlflow)
+        raise
+    with active:
         run_id = active.info.run_id
         try:
             tracker = MlflowTracker(run_id)
@@ -162,13 +169,20 @@ def run(cfg: DictConfig) -> float:
             checkpoint = save_checkpoint(output_dir / "model.npz", model, optimizer)
             tracker.log_file(checkpoint, "checkpoint")
         except KeyboardInterrupt:
-            mlflow.end_run("KILLED")
+            _mark_killed(mlflow)
             raise
         except BaseException as err:
-            mlflow.set_tag("gpucnn.error", f"{type(err).__name__}: {err}"[:5000])
+            with deferred_interrupt():
+                mlflow.set_tag("gpucnn.error", f"{type(err).__name__}: {err}"[:5000])
             raise
     summary(run_id, config, result, sizes, checkpoint, uri, backend.name)
     return result.test["test_accuracy"]
+
+
+def _mark_killed(mlflow: Any) -> None:
+    """End the active run (if any) as KILLED, not to be cut short by a second Ctrl-C."""
+    with deferred_interrupt():
+        mlflow.end_run("KILLED")
 
 
 def summary(

@@ -224,8 +224,9 @@ def test_existing_runs_survive_a_failing_run(digits_run):
     assert after == before
 
 
-def _run_in_process(tmp_path, monkeypatch, failure):
-    """Call the app's run() under a real Hydra context, with fit() replaced by ``failure``."""
+def _run_in_process(tmp_path, monkeypatch, failure, ctrl_c_in_start_run=False):
+    """Call the app's run() under a real Hydra context, with fit() replaced by ``failure``
+    (or, with ``ctrl_c_in_start_run``, a real SIGINT arriving while MLflow creates the run)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -249,7 +250,16 @@ def _run_in_process(tmp_path, monkeypatch, failure):
         raise failure
 
     monkeypatch.setattr(app, "fit", broken_fit)
-    with pytest.raises(type(failure)):
+    if ctrl_c_in_start_run:
+        real_start_run = mlflow.start_run
+
+        def interrupted_start_run(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            return real_start_run(*args, **kwargs)
+
+        monkeypatch.setattr(mlflow, "start_run", interrupted_start_run)
+    with pytest.raises(KeyboardInterrupt if ctrl_c_in_start_run else type(failure)):
         app.run(cfg)
     (run,) = all_runs(client_for(tmp_path))
     return run
@@ -263,6 +273,13 @@ def test_failure_inside_a_run_marks_it_failed(tmp_path, monkeypatch):
 
 def test_interrupt_inside_a_run_marks_it_killed(tmp_path, monkeypatch):
     run = _run_in_process(tmp_path, monkeypatch, KeyboardInterrupt())
+    assert run.info.status == "KILLED"
+
+
+def test_ctrl_c_while_the_run_is_created_marks_it_killed(tmp_path, monkeypatch):
+    """The run is created whole, then ends KILLED (not left RUNNING), before training."""
+    failure = AssertionError("training started after Ctrl-C")
+    run = _run_in_process(tmp_path, monkeypatch, failure, ctrl_c_in_start_run=True)
     assert run.info.status == "KILLED"
 
 
@@ -351,3 +368,38 @@ def test_diverging_run_fails_with_one_line(tmp_path):
     (run,) = all_runs(client_for(tmp_path))
     assert run.info.status == "FAILED"
     assert run.data.tags["gpucnn.error"].startswith("DivergedError: training loss became")
+
+
+def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends():
+    from gpucnn.tracking import deferred_interrupt  # noqa: PLC0415
+
+    before = signal.getsignal(signal.SIGINT)
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal has been delivered by now, and held
+            finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_never_cuts_a_store_write_in_half(tmp_path, monkeypatch):
+    """A Ctrl-C that arrives inside log_batch lets the write finish, then interrupts."""
+    from gpucnn.tracking import MlflowTracker  # noqa: PLC0415
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker = MlflowTracker("no-run")
+    written = []
+
+    class InterruptedClient:
+        def log_batch(self, run_id, metrics=(), params=()):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            written.extend(metrics)
+
+    tracker.client = InterruptedClient()
+    tracker.log_metrics({"loss": 1.0, "accuracy": 0.5}, step=3)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.flush()
+    assert [(m.key, m.value, m.step) for m in written] == [("loss", 1.0, 3), ("accuracy", 0.5, 3)]
