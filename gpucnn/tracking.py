@@ -44,7 +44,7 @@ def deferred_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
         if received:
             raise KeyboardInterrupt
 
