@@ -177,9 +177,6 @@ class Sequential:
             h = layers[index]._forward(h)
         return h
 
-    def _weights(self, parts: list[slice], n: int) -> list[float]:
-        return [(part.stop - part.start) / n for part in parts]
-
     def forward(self, x: Any) -> Array:
         """The head's input (logits / net) for a batch, shape (N,) + output_shape."""
         x = self._prepare_input(x)
@@ -212,7 +209,7 @@ class Sequential:
             self.last_output, value = results[0]
         else:
             self.last_output = self.backend.xp.concatenate([net for net, _ in results])
-            weights = self._weights(parts, x.shape[0])
+            weights = _slice_weights(parts)
             value = sum(w * part_loss for w, (_, part_loss) in zip(weights, results, strict=True))
         self._parts = parts
         if self.l2 and penalty:
@@ -238,7 +235,7 @@ class Sequential:
 
         results = run_parts(self._parts, backward_part)
         if len(results) > 1:  # weighted sum into the model's own layers
-            weights = self._weights(self._parts, self._parts[-1].stop)
+            weights = _slice_weights(self._parts)
             for i, layer in enumerate(self.layers):
                 for key in layer.grads:
                     layer.grads[key] = sum(
@@ -295,6 +292,11 @@ class Sequential:
 
     def save(self, path: str | os.PathLike, optimizer: Optimizer | None = None) -> Path:
         return save_checkpoint(path, self, optimizer)
+
+
+def _slice_weights(parts: list[slice]) -> list[float]:
+    """Each batch slice's share of the batch (the slices run from 0 to the batch size)."""
+    return [(part.stop - part.start) / parts[-1].stop for part in parts]
 
 
 def plan_execution(layers: list[Layer]) -> list[int]:

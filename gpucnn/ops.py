@@ -96,12 +96,12 @@ def batch_parts(xp: Any, n: int) -> list[slice]:
     oversubscribe the cores).
     """
     parts = min(BATCH_THREADS, n // MIN_PART_SAMPLES)
-    if parts <= 1 or is_gpu(xp) or _inside_part() or _blas_controller() is None:
-        return [slice(0, n)]
-    # The BLAS thread setting is the thread budget (OPENBLAS_NUM_THREADS, or what a
-    # launcher such as joblib's gave this worker process): stay within it.
-    parts = min(parts, *(lib.num_threads for lib in _blas_controller().lib_controllers))
-    if parts <= 1:
+    blas = None if parts <= 1 or is_gpu(xp) or _inside_part() else _blas_controller()
+    if blas is not None:
+        # The BLAS thread setting is the thread budget (OPENBLAS_NUM_THREADS, or what a
+        # launcher such as joblib's gave this worker process): stay within it.
+        parts = min(parts, *(lib.num_threads for lib in blas.lib_controllers))
+    if blas is None or parts <= 1:
         return [slice(0, n)]
     bounds = [n * k // parts for k in range(parts + 1)]
     return [slice(bounds[k], bounds[k + 1]) for k in range(parts)]

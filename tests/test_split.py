@@ -108,17 +108,25 @@ def test_fine_grained_pool_runs_inline_inside_a_part(split_in_three, monkeypatch
     could deadlock) and the result is unchanged."""
     monkeypatch.setattr(ops, "THREADS", 3)
     monkeypatch.setattr(ops, "PARALLEL_MIN_ELEMENTS", 0)
-    calls_in_parts = []
-    original = ops._executor
+    calls_in_parts = []  # one entry per use of the fine-grained pool's executor
+    reached_in_parts = []  # parallel_for calls made from inside a slice
+    original_executor, original_parallel_for = ops._executor, ops.parallel_for
+
+    def spy_parallel_for(*args, **kwargs):
+        reached_in_parts.append(ops._inside_part())
+        return original_parallel_for(*args, **kwargs)
+
     monkeypatch.setattr(
-        ops, "_executor", lambda: calls_in_parts.append(ops._inside_part()) or original()
+        ops, "_executor", lambda: calls_in_parts.append(ops._inside_part()) or original_executor()
     )
+    monkeypatch.setattr(ops, "parallel_for", spy_parallel_for)
     x = rng.standard_normal((12, 3, 9, 9))
     labels = rng.integers(0, 3, 12)
     split, whole = build("softmax"), build("softmax")
     split.loss(x, labels)
     grads = split.backward()
-    assert not any(calls_in_parts)
+    assert any(reached_in_parts)  # the pool was asked for inside the slices...
+    assert not any(calls_in_parts)  # ...and never used there
     with monkeypatch.context() as patch:
         patch.setattr(ops, "BATCH_THREADS", 1)
         whole.loss(x, labels)
