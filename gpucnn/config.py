@@ -3,14 +3,16 @@ the builders that turn a composed config into gpucnn objects.
 
 The schema is the first entry of ``conf/config.yaml``'s defaults list, so every YAML file
 and every command-line override is checked against it. A wrong type, an unknown key or
-a value outside an enum is rejected by Hydra before training starts.
+a value outside an enum is rejected by Hydra before training starts. Hydra lets an
+override that starts with ``+`` add a key the schema lacks (``+trainer.epoch=5``), so
+:func:`check_known_keys` rejects those too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -138,6 +140,39 @@ class Config:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def check_known_keys(config: dict[str, Any]) -> None:
+    """Raise ValueError naming the first key of ``config`` (a plain composed config) that
+    the schema does not have, and the keys allowed there."""
+    for path, allowed in _unknown_keys(config, Config, ""):
+        raise ValueError(
+            f"unknown config key {path!r} (added with '+'?); allowed there: {', '.join(allowed)}"
+        )
+
+
+def _unknown_keys(value: Any, schema: Any, path: str) -> list[tuple[str, list[str]]]:
+    """(path, allowed keys) for every key in ``value`` that ``schema`` (a dataclass, or a
+    list of one) does not define."""
+    if get_origin(schema) is list and isinstance(value, list):
+        (item,) = get_args(schema)
+        return [
+            found
+            for index, entry in enumerate(value)
+            for found in _unknown_keys(entry, item, f"{path}.{index}")
+        ]
+    if not (is_dataclass(schema) and isinstance(value, dict)):
+        return []
+    types = get_type_hints(schema)
+    allowed = [f.name for f in fields(schema)]
+    found = []
+    for key, entry in value.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key in types:
+            found += _unknown_keys(entry, types[key], where)
+        else:
+            found.append((where, allowed))
+    return found
 
 
 def plain(cfg: Any) -> Any:

@@ -23,7 +23,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from gpucnn.backend import BackendUnavailableError, get_backend, to_host
-from gpucnn.config import build_model, build_optimizer, plain, register_configs
+from gpucnn.config import (
+    build_model,
+    build_optimizer,
+    check_known_keys,
+    plain,
+    register_configs,
+)
 from gpucnn.data import DataError, Dataset, load_dataset
 from gpucnn.model import save_checkpoint
 from gpucnn.tracking import (
@@ -67,6 +73,7 @@ def load_data(data_cfg: dict[str, Any]) -> Dataset:
 
 def prepare(cfg: dict[str, Any]) -> tuple[Any, Dataset, Any, Any]:
     """Backend, data, model and optimizer, or a clear error: nothing is logged yet."""
+    check_known_keys(cfg)
     check_trainer_settings(cfg["trainer"])
     backend = get_backend(cfg["backend"])
     dataset = load_data(cfg["data"])

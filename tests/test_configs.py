@@ -3,6 +3,7 @@ dataset; bad values are rejected by the schema."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,23 @@ def test_schema_rejects_bad_values(override):
 def test_schema_rejects_unknown_keys(override):
     with pytest.raises((ValidationError, ConfigCompositionException)):
         composed([override])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("+trainer.epoch=3", "trainer.epoch"),
+        ("+lr=0.1", "lr"),
+        ("+optimizer.momentm=0.5", "optimizer.momentm"),
+        ("+model.layers.2.windw=3", "model.layers.2.windw"),
+        ("+data.pth=x", "data.pth"),
+    ],
+)
+def test_keys_added_with_plus_are_rejected_before_anything_is_built(override, key):
+    # Hydra composes these without complaint: the schema has no say over '+' additions.
+    config = plain(composed(["experiment=digits", override]))
+    with pytest.raises(ValueError, match=f"^unknown config key '{re.escape(key)}' "):
+        prepare(config)
 
 
 def test_logistic_model_on_multiclass_data_is_a_clear_error():

@@ -200,6 +200,17 @@ def test_bad_override_exits_nonzero_without_a_run(tmp_path, override, message):
         (["trainer.epochs=0"], "trainer.epochs must be an int >= 1, got 0"),
         (["optimizer.lr=-1"], "learning rate (lr) must be a number > 0, got -1.0"),
         (
+            ["+trainer.epoch=3"],
+            "unknown config key 'trainer.epoch' (added with '+'?); allowed there: epochs, "
+            "batch_size, seed, l2, log_every, kernels_every, dtype",
+        ),
+        (
+            ["+model.layers.0.stide=2"],
+            "unknown config key 'model.layers.0.stide' (added with '+'?); allowed there: "
+            "type, out_channels, kernel_size, stride, padding, mode, bias, init, kind, window, "
+            "order, out_features",
+        ),
+        (
             ["model=lenet"],
             "model 'lenet' on input (1, 8, 8): conv2: kernel 5x5 is larger than "
             "its padded input 2x2 (input C,H,W = (8, 2, 2), padding (0, 0, 0, 0))",
