@@ -19,6 +19,7 @@ Dtype policy
 
 from __future__ import annotations
 
+import numbers
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -157,7 +158,9 @@ class Random:
     """
 
     def __init__(self, seed: int, backend: Backend) -> None:
-        self.seed = seed
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        self.seed = int(seed)
         self.backend = backend
         self.generator = numpy.random.default_rng(seed)
 

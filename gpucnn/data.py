@@ -178,6 +178,17 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return rng.permutation(rest), held_out
 
 
+def _test_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (rest, test) of a stratified split; the test part must not come out empty."""
+    rest, test = stratified_split(y, fraction, seed)
+    if len(test) == 0:
+        raise DataError(
+            f"data.test_fraction={fraction!r} leaves no test images out of {len(y)}; "
+            "raise it (allowed: (0, 1))"
+        )
+    return rest, test
+
+
 def _as_images(x: np.ndarray, where: str) -> np.ndarray:
     if x.ndim == 3:
         x = x[:, None]
@@ -221,6 +232,8 @@ def build_dataset(
         x_val, y_val = _as_images(x_val, f"{name} x_val"), _as_labels(y_val, f"{name} y_val")
     if len(y_train) == 0:
         raise DataError(f"{name}: the training split is empty")
+    if len(y_test) == 0:
+        raise DataError(f"{name}: the test split is empty")
     shapes = {x_train.shape[1:], x_val.shape[1:], x_test.shape[1:]}
     if len(shapes) != 1:
         raise DataError(f"{name}: train/val/test images differ in shape: {sorted(shapes)}")
@@ -259,6 +272,8 @@ def load_dataset(
     for value, what in ((val_fraction, "val_fraction"), (test_fraction, "test_fraction")):
         if not 0 <= value < 1:
             raise DataError(f"data.{what} must be in [0, 1), got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise DataError(f"data.seed must be an int >= 0, got {seed!r}")
     if name == "seed_20x20":
         x_train, y_train = make_seed_20x20(n_per_class, noise, seed)
         x_val, y_val = make_seed_20x20(max(1, n_per_class // 5), noise, seed + 1)
@@ -271,7 +286,7 @@ def load_dataset(
 
         digits = load_digits()
         x, y = digits.images.astype(np.float32), digits.target
-        rest, test = stratified_split(y, test_fraction, seed)
+        rest, test = _test_split(y, test_fraction, seed)
         return build_dataset(
             name, x[rest], y[rest], x[test], y[test], val_fraction, seed + 1, normalize=normalize
         )
@@ -281,7 +296,7 @@ def load_dataset(
         )
     arrays: dict[str, Any] = load_idx_dir(path) if name == "idx" else load_npz(path)
     if "x_train" not in arrays:
-        rest, test = stratified_split(_as_labels(arrays["y"], f"{path} y"), test_fraction, seed)
+        rest, test = _test_split(_as_labels(arrays["y"], f"{path} y"), test_fraction, seed)
         arrays = {
             "x_train": arrays["x"][rest],
             "y_train": arrays["y"][rest],

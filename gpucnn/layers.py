@@ -55,6 +55,13 @@ def _pair(value: Any, what: str, minimum: int = 1) -> tuple[int, int]:
     return int(a), int(b)
 
 
+def _count(value: Any, what: str) -> int:
+    """A single int >= 1 (a number of channels or features)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+    return value
+
+
 def _choice(value: Any, allowed: Any, what: str) -> Any:
     if value not in allowed:
         raise ValueError(f"{what} {value!r} is not known; allowed: {', '.join(map(str, allowed))}")
@@ -186,7 +193,7 @@ class Conv2D(Layer):
         name: str | None = None,
     ) -> None:
         super().__init__(name)
-        self.out_channels = _pair(out_channels, "out_channels")[0]
+        self.out_channels = _count(out_channels, "out_channels")
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.mode = _choice(mode, CONV_MODES, "conv mode")
@@ -447,7 +454,7 @@ class Dense(Layer):
         name: str | None = None,
     ) -> None:
         super().__init__(name)
-        self.out_features = _pair(out_features, "out_features")[0]
+        self.out_features = _count(out_features, "out_features")
         self.bias = bool(bias)
         self.init = _choice(init, INITS, "init")
         self.in_features = in_features

@@ -77,13 +77,13 @@ class Sequential:
             )
         self.backend = get_backend(backend)
         self.dtype = resolve_dtype(dtype)
-        self.seed = int(seed)
+        rng = self.backend.random(seed)  # checks the seed
+        self.seed = rng.seed
         self.l2 = float(l2)
         self.input_shape = shape
         self.layers = list(layers)
         self.head = head
         self._name_layers()
-        rng = self.backend.random(self.seed)
         for layer in self.layers:
             shape = layer.build(shape, self.backend, rng, self.dtype)
         self.output_shape = shape

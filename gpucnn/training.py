@@ -71,6 +71,9 @@ def check_trainer_settings(trainer: dict[str, Any]) -> None:
     every = trainer.get("kernels_every", 0)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ValueError(f"trainer.kernels_every must be an int >= 0 (0: never), got {every!r}")
+    seed = trainer.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"trainer.seed must be an int >= 0, got {seed!r}")
     l2 = trainer.get("l2", 0.0)
     if l2 is not None and (not isinstance(l2, (int, float)) or l2 < 0):
         raise ValueError(f"trainer.l2 must be a number >= 0, got {l2!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 
 import numpy as np
 import pytest
@@ -47,6 +48,20 @@ def test_digits_split_is_stratified_seeded_and_normalised():
     np.testing.assert_array_equal(data.y_test, again.y_test)
     other = load_dataset("digits", test_fraction=0.2, val_fraction=0.1, seed=1)
     assert not np.array_equal(data.y_test, other.y_test)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"test_fraction": 0.0}, "data.test_fraction=0.0 leaves no test images out of 1797"),
+        ({"test_fraction": 0.001}, "data.test_fraction=0.001 leaves no test images out of 1797"),
+        ({"seed": -1}, "data.seed must be an int >= 0, got -1"),
+        ({"seed": 1.5}, "data.seed must be an int >= 0, got 1.5"),
+    ],
+)
+def test_digits_bad_split_settings(options, message):
+    with pytest.raises(DataError, match=f"^{re.escape(message)}"):
+        load_dataset("digits", **options)
 
 
 def test_stratified_split_disjoint_and_complete():
@@ -121,6 +136,11 @@ def test_npz_variants_and_errors(tmp_path, rng):
         load_dataset("npz", path="/missing.npz")
     with pytest.raises(DataError, match="dataset 'npz' needs data.path"):
         load_dataset("npz")
+    with pytest.raises(DataError, match=r"^data.test_fraction=0.0 leaves no test images out of 50"):
+        load_dataset("npz", path=str(tmp_path / "xy.npz"), test_fraction=0.0)
+    np.savez(tmp_path / "empty_test.npz", x_train=x, y_train=y, x_test=x[:0], y_test=y[:0])
+    with pytest.raises(DataError, match="empty_test.npz': npz: the test split is empty$"):
+        load_dataset("npz", path=str(tmp_path / "empty_test.npz"))
     np.savez(tmp_path / "labels.npz", x=x, y=y - 0.5)
     with pytest.raises(DataError, match="labels must be non-negative integers"):
         load_dataset("npz", path=str(tmp_path / "labels.npz"))
@@ -130,11 +150,12 @@ def test_non_finite_pixels_are_rejected_with_the_path(tmp_path, rng):
     x = rng.standard_normal((20, 4, 4))
     x[3, 1, 2] = np.nan
     x[7, 0, 0] = np.inf
-    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(20) % 2)
+    y = np.arange(20) % 2
+    np.savez(tmp_path / "nan.npz", x_train=x, y_train=y, x_test=x[:2] * 0, y_test=y[:2])
     with pytest.raises(
         DataError, match=r"nan.npz': npz x_train: 2 pixel values are NaN or infinite"
     ):
-        load_dataset("npz", path=str(tmp_path / "nan.npz"), test_fraction=0.0)
+        load_dataset("npz", path=str(tmp_path / "nan.npz"))
     np.savez(tmp_path / "text.npz", x=np.array([["a"] * 4] * 20).reshape(20, 2, 2), y=np.zeros(20))
     with pytest.raises(DataError, match="images must be numeric, got dtype <U1"):
         load_dataset("npz", path=str(tmp_path / "text.npz"))

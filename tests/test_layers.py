@@ -3,6 +3,8 @@ every input and parameter, and clear errors for bad arguments and shapes."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -151,7 +153,9 @@ def test_conv_kernel_larger_than_input_names_both_shapes(backend):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"out_channels": 0, "kernel_size": 3}, "out_channels must be an int >= 1"),
+        ({"out_channels": 0, "kernel_size": 3}, "out_channels must be an int >= 1, got 0"),
+        # A pair is not a channel count (it was once read as its first entry).
+        ({"out_channels": (2, 3), "kernel_size": 3}, r"out_channels must be .*, got \(2, 3\)"),
         ({"out_channels": 2, "kernel_size": 0}, "kernel_size must be an int >= 1"),
         ({"out_channels": 2, "kernel_size": 3, "stride": -1}, "stride must be"),
         ({"out_channels": 2, "kernel_size": 3, "padding": "full"}, "padding 'full' is not"),
@@ -257,6 +261,13 @@ def test_dense(bias, backend, rng):
 def test_dense_needs_flat_input(backend):
     with pytest.raises(ValueError, match="needs flat input.*add a Flatten layer"):
         built(Dense(3), (1, 4, 4), backend)
+
+
+@pytest.mark.parametrize("bad", [0, -3, (4, 4), 2.0, True])
+def test_dense_out_features_is_one_count(bad):
+    message = f"out_features must be an int >= 1, got {bad!r}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Dense(bad)
 
 
 @pytest.mark.parametrize("layer_cls", [Logistic, Tanh, ReLU])

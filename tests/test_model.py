@@ -274,6 +274,11 @@ def test_model_input_and_structure_errors(rng):
         Sequential([Flatten()], SoftmaxCrossEntropy(), (1, 0, 5))
     with pytest.raises(ValueError, match="l2 must be a number >= 0"):
         Sequential([Flatten(), Dense(2)], SoftmaxCrossEntropy(), (1, 2, 2), l2=-1)
+    for seed in (-1, 1.5, "0"):
+        with pytest.raises(ValueError, match=f"seed must be an int >= 0, got {seed!r}"):
+            Sequential([Flatten(), Dense(2)], SoftmaxCrossEntropy(), (1, 2, 2), seed=seed)
+    seeded = Sequential([Flatten(), Dense(2)], SoftmaxCrossEntropy(), (1, 2, 2), seed=np.int64(3))
+    assert seeded.seed == 3 and type(seeded.seed) is int
     with pytest.raises(ValueError, match="dtype 'float16' is not supported"):
         Sequential([Flatten(), Dense(2)], SoftmaxCrossEntropy(), (1, 2, 2), dtype="float16")
     with pytest.raises(ValueError, match=r"dense1.weight must have shape \(9, 1\)"):

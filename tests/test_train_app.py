@@ -199,6 +199,16 @@ def test_bad_override_exits_nonzero_without_a_run(tmp_path, override, message):
         ),
         (["trainer.epochs=0"], "trainer.epochs must be an int >= 1, got 0"),
         (["optimizer.lr=-1"], "learning rate (lr) must be a number > 0, got -1.0"),
+        (["trainer.seed=-5"], "trainer.seed must be an int >= 0, got -5"),
+        (["data.seed=-1"], "data.seed must be an int >= 0, got -1"),
+        (
+            ["data.test_fraction=0"],
+            "data.test_fraction=0.0 leaves no test images out of 1797; raise it (allowed: (0, 1))",
+        ),
+        (
+            ["model.layers.0.out_channels=-3"],
+            "model.layers[0] (conv): out_channels must be an int >= 1, got -3",
+        ),
         (
             ["+trainer.epoch=3"],
             "unknown config key 'trainer.epoch' (added with '+'?); allowed there: epochs, "
