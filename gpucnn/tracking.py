@@ -14,8 +14,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -155,17 +159,45 @@ def resolve_store(uri: str | None, base_dir: str | Path) -> tuple[str, str | Non
 
     Precedence: explicit ``uri`` > ``MLFLOW_TRACKING_URI`` > embedded SQLite under runs/.
     """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        check_server(uri)
         return uri, None
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"], None
     db_uri, artifacts = default_store(base_dir)
     (Path(base_dir) / "runs").mkdir(parents=True, exist_ok=True)
     return db_uri, artifacts
 
 
+def is_server(uri: str) -> bool:
+    return urllib.parse.urlparse(uri).scheme in ("http", "https")
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, in one line, when an http(s) tracking server does not answer.
+
+    MLflow's own client retries a refused connection with backoff for minutes before it
+    gives up. Any HTTP answer (even 401 from a proxy) counts as reachable; other URIs
+    (sqlite, file, databricks) are left to MLflow.
+    """
+    if not is_server(uri):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ValueError(
+            f"tracking server {uri!r} does not answer ({reason}); start it, fix "
+            "tracking.uri / MLFLOW_TRACKING_URI, or unset both for the local store under runs/"
+        ) from None
+
+
 def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri '{uri}' --host 127.0.0.1 --port 5000"
+    """How to look at the runs in ``uri``: the server itself, or a local UI on the store."""
+    if is_server(uri):
+        return f"open {uri} in a browser"
+    return f"{sys.executable} -m mlflow ui --backend-store-uri '{uri}' --host 127.0.0.1 --port 5000"
 
 
 def ensure_experiment(name: str, artifact_location: str | None) -> str:

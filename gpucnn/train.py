@@ -208,7 +208,7 @@ def summary(
         f"  {test}  on {sizes['test']} test images\n"
         f"  {result.images_per_second:,.0f} images/s over {result.steps} steps\n"
         f"  checkpoint: {checkpoint}\n"
-        f"  compare runs in the MLflow UI:\n    {sys.executable} -m {ui_command(uri)}\n",
+        f"  compare runs in the MLflow UI:\n    {ui_command(uri)}\n",
         flush=True,
     )
 

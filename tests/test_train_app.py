@@ -3,11 +3,14 @@ MlflowClient; sweeps; bad input; run status on failure and interruption; evaluat
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -362,6 +365,53 @@ def test_explicit_tracking_uri(tmp_path):
     checkpoint = next(tmp_path.joinpath("runs", "hydra").rglob("model.npz"))
     with np.load(checkpoint, allow_pickle=False) as data:
         assert "architecture" in data.files
+
+
+def _refused_port():
+    """A local port with nothing listening (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_fast_in_one_line(tmp_path):
+    uri = f"http://127.0.0.1:{_refused_port()}"
+    started = time.perf_counter()
+    result = train(tmp_path, "experiment=digits", *TINY, f"tracking.uri={uri}")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"gpucnn.train: error: tracking server '{uri}' does not answer (")
+    assert "unset both for the local store under runs/" in last
+    # MLflow's client alone retries a refused connection for minutes.
+    assert time.perf_counter() - started < 60
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+def test_a_server_that_answers_passes_the_check_and_gets_its_own_ui_hint():
+    from gpucnn.tracking import check_server, ui_command  # noqa: PLC0415
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.HTTPServer(("127.0.0.1", 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            uri = f"http://127.0.0.1:{server.server_address[1]}"
+            check_server(uri)
+            check_server(uri + "/no/such/prefix")  # a 404 still answers
+        finally:
+            server.shutdown()
+    assert ui_command(uri) == f"open {uri} in a browser"
+    assert ui_command("sqlite:///x.db").endswith(
+        "-m mlflow ui --backend-store-uri 'sqlite:///x.db' --host 127.0.0.1 --port 5000"
+    )
+    check_server("sqlite:////no/such/dir/x.db")  # not a server: left to MLflow
 
 
 def test_git_commit_is_tagged_when_launched_in_a_checkout(tmp_path):
