@@ -61,8 +61,8 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     from gpucnn.train import load_data  # noqa: PLC0415 - shares the app's data rules
 
+    model, _ = load_checkpoint(checkpoint, backend=get_backend(backend))  # checked first
     config = _read_config(config_path)
-    model, _ = load_checkpoint(checkpoint, backend=get_backend(backend))
     dataset = load_data(config["data"])
     if dataset.input_shape != model.input_shape:
         raise ValueError(

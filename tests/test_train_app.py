@@ -151,6 +151,16 @@ def test_evaluate_by_run_id_and_by_path(digits_run):
     assert missing.returncode == 2 and "run 'nope' was not found" in missing.stderr
 
 
+def test_evaluate_names_a_missing_checkpoint(tmp_path, capsys):
+    from gpucnn.evaluate import main as evaluate_main  # noqa: PLC0415
+
+    gone = tmp_path / "gone.npz"
+    assert evaluate_main(["--checkpoint", str(gone)]) == 2
+    # The checkpoint is what was asked for: its absence is the error, not the config's.
+    error = capsys.readouterr().err.strip()
+    assert error == f"gpucnn.evaluate: error: checkpoint '{gone}' does not exist"
+
+
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_multirun_one_parent_two_children(tmp_path, launcher):
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
