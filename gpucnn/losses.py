@@ -22,6 +22,12 @@ class Head:
     def check_outputs(self, out_shape: tuple[int, ...]) -> None:
         """Raise if the network's output shape cannot feed this head."""
 
+    def check_labels(self, labels: Array, out_shape: tuple[int, ...]) -> None:
+        """Raise a one-line ValueError naming a label this head cannot take.
+
+        Called on host labels only: checking device labels would cost a transfer per step.
+        """
+
     def forward(self, net: Array, labels: Array) -> Array:
         raise NotImplementedError
 
@@ -53,6 +59,15 @@ class LogisticLogLikelihood(Head):
         if tuple(out_shape) != (1,):
             raise ValueError(
                 f"the logistic head needs exactly one output per sample, got {tuple(out_shape)}"
+            )
+
+    def check_labels(self, labels: Array, out_shape: tuple[int, ...]) -> None:
+        if labels.dtype.kind not in "biuf":
+            raise ValueError(f"labels must be numbers in [0, 1], got dtype {labels.dtype}")
+        if labels.size and not (labels.min() >= 0 and labels.max() <= 1):  # NaN fails too
+            bad = labels[~((labels >= 0) & (labels <= 1))].reshape(-1)[0]
+            raise ValueError(
+                f"labels must be in [0, 1] (class 1 = 1, class 0 = 0), got {bad.item()!r}"
             )
 
     def forward(self, net: Array, labels: Array) -> Array:
@@ -90,6 +105,21 @@ class SoftmaxCrossEntropy(Head):
             raise ValueError(
                 f"the softmax head needs a flat output of >= 2 classes, got {tuple(out_shape)}"
             )
+
+    def check_labels(self, labels: Array, out_shape: tuple[int, ...]) -> None:
+        classes = out_shape[0]
+        allowed = f"class indices 0..{classes - 1}"
+        if labels.dtype.kind not in "biuf":
+            raise ValueError(f"labels must be {allowed}, got dtype {labels.dtype}")
+        if not labels.size:
+            return
+        if labels.dtype.kind == "f":
+            fractional = labels != labels.round()  # NaN and inf included
+            if fractional.any():
+                raise ValueError(f"labels must be {allowed}, got {labels[fractional][0].item()!r}")
+        low, high = labels.min(), labels.max()
+        if low < 0 or high >= classes:
+            raise ValueError(f"labels must be {allowed}, got {(low if low < 0 else high).item()!r}")
 
     def forward(self, net: Array, labels: Array) -> Array:
         labels = labels.reshape(-1)

@@ -26,8 +26,10 @@ from typing import Any
 from gpucnn.backend import (
     Array,
     Backend,
+    array_module,
     get_backend,
     host_module,
+    is_gpu,
     resolve_dtype,
     to_host,
 )
@@ -152,6 +154,8 @@ class Sequential:
                 f"{', '.join(map(str, self.input_shape))})"
                 + (" (NCHW)" if len(self.input_shape) == 3 else "")
             )
+        if x.shape[0] == 0:
+            raise ValueError("the batch is empty (0 samples)")
         return x
 
     def _split(self, n: int) -> list[slice]:
@@ -193,6 +197,8 @@ class Sequential:
         kept in ``last_output`` (for accuracy without a second forward pass).
         """
         x = self._prepare_input(x)
+        if not is_gpu(array_module(labels)):  # host labels; device ones would cost a transfer
+            self.head.check_labels(host_module().asarray(labels), self.output_shape)
         labels = self.backend.asarray(labels)
         if labels.ndim == 0 or labels.size != x.shape[0]:  # checked whole, before any split
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({x.shape[0]},)")

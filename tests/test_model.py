@@ -3,6 +3,8 @@ parameters by name, and checkpoint round trips."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -256,6 +258,55 @@ def test_save_does_not_corrupt_existing_checkpoint_on_failure(tmp_path, monkeypa
         model.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep.npz"]
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([0, 1, 2, 10], "labels must be class indices 0..9, got 10"),
+        ([0, -1, 2, 3], "labels must be class indices 0..9, got -1"),  # would wrap to 9
+        ([0.0, 1.5, 2.0, 3.0], "labels must be class indices 0..9, got 1.5"),  # would truncate
+        ([0.0, float("nan"), 2.0, 3.0], "labels must be class indices 0..9, got nan"),
+        (["a", "b", "c", "d"], "labels must be class indices 0..9, got dtype <U1"),
+    ],
+)
+def test_softmax_rejects_labels_that_are_not_class_indices(rng, labels, message):
+    model = Sequential([Flatten(), Dense(10)], SoftmaxCrossEntropy(), (1, 2, 2))
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        model.loss(rng.standard_normal((4, 1, 2, 2)), labels)
+
+
+def test_softmax_takes_integer_valued_labels_of_any_numeric_dtype(rng):
+    model = Sequential([Flatten(), Dense(10)], SoftmaxCrossEntropy(), (1, 2, 2))
+    x = rng.standard_normal((4, 1, 2, 2))
+    expected = float(model.loss(x, np.array([0, 9, 2, 3])))
+    for labels in ([0.0, 9.0, 2.0, 3.0], np.array([0, 9, 2, 3], dtype=np.uint8)):
+        assert float(model.loss(x, labels)) == expected
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([0, 1, 2, 0], "labels must be in [0, 1] (class 1 = 1, class 0 = 0), got 2"),
+        ([0, -1, 1, 0], "labels must be in [0, 1] (class 1 = 1, class 0 = 0), got -1"),
+        ([0.0, float("nan"), 1, 0], "labels must be in [0, 1] (class 1 = 1, class 0 = 0), got nan"),
+        (["x", "y", "x", "y"], "labels must be numbers in [0, 1], got dtype <U1"),
+    ],
+)
+def test_logistic_rejects_labels_outside_zero_one(rng, labels, message):
+    model = Sequential([Flatten(), Dense(1)], LogisticLogLikelihood(), (1, 2, 2))
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        model.loss(rng.standard_normal((4, 1, 2, 2)), labels)
+    # Targets between 0 and 1 are a valid Bernoulli log-likelihood.
+    assert np.isfinite(float(model.loss(rng.standard_normal((4, 1, 2, 2)), [0.25] * 4)))
+
+
+def test_an_empty_batch_is_a_clear_error(rng):
+    model = Sequential([Flatten(), Dense(10)], SoftmaxCrossEntropy(), (1, 2, 2))
+    empty = rng.standard_normal((0, 1, 2, 2))
+    for call in (lambda: model.loss(empty, []), lambda: model.forward(empty)):
+        with pytest.raises(ValueError, match=r"^the batch is empty \(0 samples\)$"):
+            call()
 
 
 def test_model_input_and_structure_errors(rng):
