@@ -372,14 +372,29 @@ def load_checkpoint(
         raise ValueError(f"checkpoint {str(path)!r} is not a readable .npz file: {err}") from err
     if str(contents.get("format", "")) != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a gpucnn checkpoint ({CHECKPOINT_FORMAT})")
+    try:
+        return _rebuild(contents, backend)
+    except (KeyError, TypeError, ValueError) as err:
+        problem = f"missing entry {err}" if isinstance(err, KeyError) else str(err)
+        raise ValueError(f"checkpoint {str(path)!r} is damaged: {problem}") from err
+
+
+def _rebuild(
+    contents: dict[str, Any], backend: str | Backend
+) -> tuple[Sequential, Optimizer | None]:
+    """Model and optimizer from a checkpoint's arrays; KeyError/ValueError where damaged."""
     model = Sequential.from_config(json.loads(str(contents["architecture"])), backend)
     expected = set(model.params)
     stored = {k[len("param/") :] for k in contents if k.startswith("param/")}
     if stored != expected:
         raise ValueError(
-            f"checkpoint {str(path)!r} parameters {sorted(stored)} do not match its "
-            f"architecture {sorted(expected)}"
+            f"its architecture needs parameters {sorted(expected)}; missing "
+            f"{sorted(expected - stored)}, unexpected {sorted(stored - expected)}"
         )
+    for key in sorted(expected):
+        value = contents[f"param/{key}"]
+        if value.dtype.kind not in "biuf" or not host_module().isfinite(value).all():
+            raise ValueError(f"{key} holds non-numeric, NaN or infinite values")
     model.set_params({key: contents[f"param/{key}"] for key in expected})
     optimizer = None
     if "optimizer" in contents:

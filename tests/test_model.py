@@ -276,6 +276,38 @@ def test_softmax_rejects_labels_that_are_not_class_indices(rng, labels, message)
         model.loss(rng.standard_normal((4, 1, 2, 2)), labels)
 
 
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        ({"architecture": "{not json"}, "Expecting property name enclosed in double quotes"),
+        ({"architecture": '{"input_shape": [1, 5, 5]}'}, "missing entry 'layers'"),
+        ({"architecture": None}, "missing entry 'architecture'"),
+        ({"param/conv1.weight": None}, "missing ['conv1.weight'], unexpected []"),
+        ({"param/extra.weight": np.zeros(3)}, "missing [], unexpected ['extra.weight']"),
+        ({"param/conv1.weight": np.zeros((3, 1, 3, 3))}, "conv1.weight must have shape"),
+        ({"param/conv1.weight": np.full((2, 1, 3, 3), np.nan)}, "conv1.weight holds non-numeric"),
+        ({"param/dense1.bias": np.array(["a"] * 10)}, "dense1.bias holds non-numeric"),
+        ({"optimizer": '{"type": "rmsprop", "lr": 0.1}'}, "optimizer 'rmsprop' is not known"),
+        ({"optimizer_steps": None}, "missing entry 'optimizer_steps'"),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_clear_error(tmp_path, damage, problem):
+    model = Sequential([Conv2D(2, 3), Flatten(), Dense(10)], SoftmaxCrossEntropy(), (1, 5, 5))
+    path = model.save(tmp_path / "model.npz", Adam(0.01))
+    with np.load(path, allow_pickle=False) as data:
+        contents = {key: data[key] for key in data.files}
+    for key, value in damage.items():
+        if value is None:
+            del contents[key]
+        else:
+            contents[key] = np.asarray(value)
+    np.savez(path, **contents)
+    with pytest.raises(ValueError) as caught:
+        load_checkpoint(path)
+    assert str(caught.value).startswith(f"checkpoint '{path}' is damaged: ")
+    assert problem in str(caught.value)
+
+
 def test_softmax_takes_integer_valued_labels_of_any_numeric_dtype(rng):
     model = Sequential([Flatten(), Dense(10)], SoftmaxCrossEntropy(), (1, 2, 2))
     x = rng.standard_normal((4, 1, 2, 2))
