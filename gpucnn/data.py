@@ -15,6 +15,7 @@ mean and standard deviation, and the same numbers are applied to val and test.
 from __future__ import annotations
 
 import gzip
+import numbers
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,8 +273,9 @@ def load_dataset(
     for value, what in ((val_fraction, "val_fraction"), (test_fraction, "test_fraction")):
         if not 0 <= value < 1:
             raise DataError(f"data.{what} must be in [0, 1), got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise DataError(f"data.seed must be an int >= 0, got {seed!r}")
+    seed = int(seed)
     if name == "seed_20x20":
         x_train, y_train = make_seed_20x20(n_per_class, noise, seed)
         x_val, y_val = make_seed_20x20(max(1, n_per_class // 5), noise, seed + 1)

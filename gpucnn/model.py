@@ -372,6 +372,7 @@ def load_checkpoint(
         raise ValueError(f"checkpoint {str(path)!r} is not a readable .npz file: {err}") from err
     if str(contents.get("format", "")) != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a gpucnn checkpoint ({CHECKPOINT_FORMAT})")
+    backend = get_backend(backend)  # its own errors are not the checkpoint's
     try:
         return _rebuild(contents, backend)
     except (KeyError, TypeError, ValueError) as err:
@@ -379,9 +380,7 @@ def load_checkpoint(
         raise ValueError(f"checkpoint {str(path)!r} is damaged: {problem}") from err
 
 
-def _rebuild(
-    contents: dict[str, Any], backend: str | Backend
-) -> tuple[Sequential, Optimizer | None]:
+def _rebuild(contents: dict[str, Any], backend: Backend) -> tuple[Sequential, Optimizer | None]:
     """Model and optimizer from a checkpoint's arrays; KeyError/ValueError where damaged."""
     model = Sequential.from_config(json.loads(str(contents["architecture"])), backend)
     expected = set(model.params)

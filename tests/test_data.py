@@ -64,6 +64,15 @@ def test_digits_bad_split_settings(options, message):
         load_dataset("digits", **options)
 
 
+def test_a_numpy_integer_seed_is_a_seed():
+    from_numpy, from_int = (
+        load_dataset("seed_20x20", seed=np.int64(3)),
+        load_dataset("seed_20x20", seed=3),
+    )
+    np.testing.assert_array_equal(from_numpy.x_train, from_int.x_train)
+    np.testing.assert_array_equal(from_numpy.y_test, from_int.y_test)
+
+
 def test_stratified_split_disjoint_and_complete():
     y = np.repeat(np.arange(3), [10, 20, 30])
     rest, held = stratified_split(y, 0.2, seed=0)

@@ -308,6 +308,13 @@ def test_a_damaged_checkpoint_is_one_clear_error(tmp_path, damage, problem):
     assert problem in str(caught.value)
 
 
+def test_a_bad_backend_name_is_not_blamed_on_the_checkpoint(tmp_path):
+    model = Sequential([Flatten(), Dense(2)], SoftmaxCrossEntropy(), (1, 2, 2))
+    path = model.save(tmp_path / "model.npz")
+    with pytest.raises(ValueError, match="^backend 'tpu' is not known"):
+        load_checkpoint(path, backend="tpu")
+
+
 def test_softmax_takes_integer_valued_labels_of_any_numeric_dtype(rng):
     model = Sequential([Flatten(), Dense(10)], SoftmaxCrossEntropy(), (1, 2, 2))
     x = rng.standard_normal((4, 1, 2, 2))
