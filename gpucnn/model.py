@@ -264,14 +264,18 @@ class Sequential:
         return self.head.predict(self.forward(x))
 
     # -- moving and saving -------------------------------------------------------------
-    def to(self, backend: str | Backend) -> Sequential:
-        """Move all parameters to ``backend`` in place; returns self."""
+    def to(self, backend: str | Backend, optimizer: Optimizer | None = None) -> Sequential:
+        """Move all parameters to ``backend`` in place, and ``optimizer``'s state (momentum
+        buffers, Adam moments) with them so training can go on; returns self."""
         self.backend = get_backend(backend)
         for layer in self.layers:
             for key, value in layer.params.items():
                 layer.params[key] = self.backend.asarray(to_host(value), self.dtype)
             layer.grads = {}
         self.grads = {}
+        if optimizer is not None:
+            state = {k: self.backend.asarray(to_host(v)) for k, v in optimizer.state_dict().items()}
+            optimizer.load_state_dict(state, optimizer.steps)
         return self
 
     def config(self) -> dict[str, Any]:

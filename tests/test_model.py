@@ -398,6 +398,31 @@ def test_training_reduces_loss(backend, rng):
     assert accuracy > 0.9
 
 
+def test_training_goes_on_after_moving_model_and_optimizer(backend, rng):
+    def fresh():
+        return Sequential(
+            [Conv2D(2, 3), Flatten(), Dense(3)], SoftmaxCrossEntropy(), (1, 5, 5), seed=4
+        )
+
+    x, y = rng.standard_normal((6, 1, 5, 5)), np.array([0, 1, 2, 0, 1, 2])
+    moved, reference = fresh(), fresh()
+    moved_opt, reference_opt = Adam(0.05), Adam(0.05)
+    for step in range(5):
+        if step == 2:  # Adam's moments are under way: they must travel too
+            moved.to(backend, moved_opt)
+            x_moved, y_moved = backend.asarray(x, "float32"), backend.asarray(y)
+        if step >= 2:
+            moved.loss(x_moved, y_moved)
+        else:
+            moved.loss(x, y)
+        moved_opt.step(moved.params, moved.backward())
+        reference.loss(x, y)
+        reference_opt.step(reference.params, reference.backward())
+    assert moved_opt.steps == 5
+    for key, value in reference.params.items():
+        np.testing.assert_allclose(to_host(moved.params[key]), value, rtol=1e-5, atol=1e-6)
+
+
 def test_model_moves_between_backends(backend):
     model = Sequential(
         [Conv2D(2, 3), Flatten(), Dense(2)], SoftmaxCrossEntropy(), (1, 5, 5), seed=1
