@@ -276,6 +276,31 @@ def test_softmax_rejects_labels_that_are_not_class_indices(rng, labels, message)
         model.loss(rng.standard_normal((4, 1, 2, 2)), labels)
 
 
+def test_softmax_takes_integer_valued_labels_of_any_numeric_dtype(rng):
+    model = Sequential([Flatten(), Dense(10)], SoftmaxCrossEntropy(), (1, 2, 2))
+    x = rng.standard_normal((4, 1, 2, 2))
+    expected = float(model.loss(x, np.array([0, 9, 2, 3])))
+    for labels in ([0.0, 9.0, 2.0, 3.0], np.array([0, 9, 2, 3], dtype=np.uint8)):
+        assert float(model.loss(x, labels)) == expected
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([0, 1, 2, 0], "labels must be in [0, 1] (class 1 = 1, class 0 = 0), got 2"),
+        ([0, -1, 1, 0], "labels must be in [0, 1] (class 1 = 1, class 0 = 0), got -1"),
+        ([0.0, float("nan"), 1, 0], "labels must be in [0, 1] (class 1 = 1, class 0 = 0), got nan"),
+        (["x", "y", "x", "y"], "labels must be numbers in [0, 1], got dtype <U1"),
+    ],
+)
+def test_logistic_rejects_labels_outside_zero_one(rng, labels, message):
+    model = Sequential([Flatten(), Dense(1)], LogisticLogLikelihood(), (1, 2, 2))
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        model.loss(rng.standard_normal((4, 1, 2, 2)), labels)
+    # Targets between 0 and 1 are a valid Bernoulli log-likelihood.
+    assert np.isfinite(float(model.loss(rng.standard_normal((4, 1, 2, 2)), [0.25] * 4)))
+
+
 @pytest.mark.parametrize(
     "damage, problem",
     [
@@ -313,31 +338,6 @@ def test_a_bad_backend_name_is_not_blamed_on_the_checkpoint(tmp_path):
     path = model.save(tmp_path / "model.npz")
     with pytest.raises(ValueError, match="^backend 'tpu' is not known"):
         load_checkpoint(path, backend="tpu")
-
-
-def test_softmax_takes_integer_valued_labels_of_any_numeric_dtype(rng):
-    model = Sequential([Flatten(), Dense(10)], SoftmaxCrossEntropy(), (1, 2, 2))
-    x = rng.standard_normal((4, 1, 2, 2))
-    expected = float(model.loss(x, np.array([0, 9, 2, 3])))
-    for labels in ([0.0, 9.0, 2.0, 3.0], np.array([0, 9, 2, 3], dtype=np.uint8)):
-        assert float(model.loss(x, labels)) == expected
-
-
-@pytest.mark.parametrize(
-    "labels, message",
-    [
-        ([0, 1, 2, 0], "labels must be in [0, 1] (class 1 = 1, class 0 = 0), got 2"),
-        ([0, -1, 1, 0], "labels must be in [0, 1] (class 1 = 1, class 0 = 0), got -1"),
-        ([0.0, float("nan"), 1, 0], "labels must be in [0, 1] (class 1 = 1, class 0 = 0), got nan"),
-        (["x", "y", "x", "y"], "labels must be numbers in [0, 1], got dtype <U1"),
-    ],
-)
-def test_logistic_rejects_labels_outside_zero_one(rng, labels, message):
-    model = Sequential([Flatten(), Dense(1)], LogisticLogLikelihood(), (1, 2, 2))
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        model.loss(rng.standard_normal((4, 1, 2, 2)), labels)
-    # Targets between 0 and 1 are a valid Bernoulli log-likelihood.
-    assert np.isfinite(float(model.loss(rng.standard_normal((4, 1, 2, 2)), [0.25] * 4)))
 
 
 def test_an_empty_batch_is_a_clear_error(rng):
