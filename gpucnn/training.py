@@ -110,6 +110,14 @@ def fit(
     backend = model.backend
     xp = backend.xp
     rng = backend.random(seed)
+    # Once, on the host, before any step: on the GPU loss() does not look at device labels.
+    for split in ("train", "val", "test"):
+        try:
+            model.head.check_labels(
+                host_module().asarray(getattr(data, f"y_{split}")), model.output_shape
+            )
+        except ValueError as err:
+            raise ValueError(f"{split} split: {err}") from None
     x_train = backend.asarray(data.x_train, model.dtype)
     y_train = _labels_for(model, data.y_train)
     class_train = backend.asarray(data.y_train).astype("int64")  # for accuracy, cast once

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gpucnn import Adam, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, SoftmaxCrossEntropy
+from gpucnn.backend import to_host
 from gpucnn.data import load_dataset
 from gpucnn.layers import Pool2D
 from gpucnn.losses import LogisticLogLikelihood
@@ -70,6 +71,26 @@ def test_fit_reports_per_step_and_per_epoch(backend):
     ]
     final = recorder.metrics[-1][1]
     assert set(final) == {"test_loss", "test_accuracy", "images_per_second"}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_fit_checks_every_label_before_the_first_step(backend, split):
+    # A bad label in the last training batch (or only in the test split) must stop fit
+    # before any update. On the GPU, loss() itself never looks at device labels.
+    data = load_dataset("seed_20x20", n_per_class=10, noise=0.3, seed=0)
+    labels = getattr(data, f"y_{split}").copy()
+    labels[-1] = 2
+    setattr(data, f"y_{split}", labels)
+    model = Sequential(
+        [Flatten(), Dense(1)], LogisticLogLikelihood(), data.input_shape, backend=backend
+    )
+    before = {k: np.array(to_host(v)) for k, v in model.params.items()}
+    recorder = Recorder()
+    with pytest.raises(ValueError, match=rf"^{split} split: labels must be in \[0, 1\]"):
+        fit(model, GradientAscent(0.1), data, 1, batch_size=1, tracker=recorder, progress=False)
+    assert recorder.metrics == [] and recorder.images == []
+    for key, value in model.params.items():
+        np.testing.assert_array_equal(to_host(value), before[key])
 
 
 def test_evaluate_matches_direct_computation(backend, rng):
