@@ -42,6 +42,7 @@ def evaluate(model: Sequential, x: Any, y: Any, batch_size: int = 512) -> dict[s
     n = len(y)
     if n == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "confusion": None}
+    model.head.check_labels(host_module().asarray(to_host(y)), model.output_shape)  # once
     labels = _labels_for(model, y)
     x = model.backend.asarray(x, model.dtype)
     total = xp.zeros((), dtype=model.dtype)

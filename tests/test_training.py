@@ -118,6 +118,13 @@ def test_evaluate_matches_direct_computation(backend, rng):
     np.testing.assert_array_equal(confusion, expected)
 
 
+def test_evaluate_rejects_a_label_the_model_has_no_class_for(backend, rng):
+    model = Sequential([Flatten(), Dense(3)], SoftmaxCrossEntropy(), (1, 2, 2), backend=backend)
+    x = rng.standard_normal((5, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"^labels must be class indices 0\.\.2, got 3$"):
+        evaluate(model, x, np.array([0, 1, 2, 3, 0]))
+
+
 def test_fit_learns_digits_quickly(backend):
     data = load_dataset("digits", seed=0)
     model = Sequential(
