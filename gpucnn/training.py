@@ -115,7 +115,7 @@ def fit(
     for split in ("train", "val", "test"):
         try:
             model.head.check_labels(
-                host_module().asarray(getattr(data, f"y_{split}")), model.output_shape
+                host_module().asarray(to_host(getattr(data, f"y_{split}"))), model.output_shape
             )
         except ValueError as err:
             raise ValueError(f"{split} split: {err}") from None
