@@ -144,6 +144,8 @@ def load_idx_dir(path: str | Path) -> dict[str, np.ndarray]:
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Keys x_train, y_train, x_test, y_test (x_val, y_val optional), or just x and y."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data.path {str(path)!r} is a directory; data=npz needs a .npz file")
     if not path.is_file():
         raise DataError(f"data.path {str(path)!r} does not exist")
     try:
@@ -277,6 +279,10 @@ def load_dataset(
         raise DataError(f"data.seed must be an int >= 0, got {seed!r}")
     seed = int(seed)
     if name == "seed_20x20":
+        if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
+            raise DataError(f"data.n_per_class must be an int >= 1, got {n_per_class!r}")
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+            raise DataError(f"data.noise must be a number >= 0, got {noise!r}")
         x_train, y_train = make_seed_20x20(n_per_class, noise, seed)
         x_val, y_val = make_seed_20x20(max(1, n_per_class // 5), noise, seed + 1)
         x_test, y_test = make_seed_20x20(max(1, n_per_class // 2), noise, seed + 2)

@@ -64,6 +64,24 @@ def test_digits_bad_split_settings(options, message):
         load_dataset("digits", **options)
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"n_per_class": 0}, "data.n_per_class must be an int >= 1, got 0"),
+        ({"noise": -1.0}, "data.noise must be a number >= 0, got -1.0"),
+        ({"noise": float("nan")}, "data.noise must be a number >= 0, got nan"),
+    ],
+)
+def test_seed_20x20_bad_settings(options, message):
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        load_dataset("seed_20x20", **options)
+
+
+def test_a_directory_is_not_an_npz_file(tmp_path):
+    with pytest.raises(DataError, match="is a directory; data=npz needs a .npz file$"):
+        load_dataset("npz", path=str(tmp_path))
+
+
 def test_a_numpy_integer_seed_is_a_seed():
     from_numpy, from_int = (
         load_dataset("seed_20x20", seed=np.int64(3)),
