@@ -145,7 +145,9 @@ def register_configs() -> None:
 def check_known_keys(config: dict[str, Any]) -> None:
     """Raise ValueError naming the first key of ``config`` (a plain composed config) that
     the schema does not have, and the keys allowed there."""
-    for path, allowed in _unknown_keys(config, Config, ""):
+    unknown = _unknown_keys(config, Config, "")
+    if unknown:
+        path, allowed = unknown[0]
         raise ValueError(
             f"unknown config key {path!r} (added with '+'?); allowed there: {', '.join(allowed)}"
         )
