@@ -9,8 +9,10 @@ SGD). Engines are timed in interleaved rounds in one process, so a noisy machine
 disturbs them alike; the table gives the median step time over rounds and the spread
 (interquartile range), images/s, achieved GFLOP/s (multiply-adds of conv and dense
 layers, x2, backward counted as 2x forward except the first layer's unneeded input
-gradient), the gpucnn/PyTorch time ratio on the same device, and a float32 GEMM
-ceiling measured the same way. Needs only numpy (and cupy / torch where present).
+gradient), the gpucnn/PyTorch time ratio on the same device (the median of the
+per-round ratios, with their interquartile range), and a float32 GEMM ceiling measured
+the same way. The JSON keeps every block's time. Needs only numpy (and cupy / torch
+where present).
 
 Each block starts after ``--pause`` idle seconds. Without the pause the engines disturb
 each other: after a GEMM, OpenBLAS's worker thread spins for about 0.1 s before it
@@ -289,7 +291,10 @@ def run(args) -> dict:
                 time.sleep(args.pause)
                 samples[engine].append(time_block(step, sync, reps))
         for engine, times in samples.items():
-            results.append(summarise(net_name, engine, net.batch, times, flops))
+            row = summarise(net_name, engine, net.batch, times, flops)
+            reference = reference_engine(engine, samples)
+            row.update(ratio_summary(times, samples[reference]) if reference else NO_RATIO)
+            results.append(row)
         print(f"  measured {net_name}", file=sys.stderr, flush=True)
     ceilings = []
     for engine in engines:
@@ -310,23 +315,29 @@ def run(args) -> dict:
                 "gflops": flops / statistics.median(times) / 1e9,
             }
         )
-    for row in results:  # ratio to torch on the same device, measured in this run
-        reference = next(
-            (
-                r
-                for r in results
-                if r["net"] == row["net"]
-                and r["engine"].startswith("torch")
-                and device_of(r["engine"]) == device_of(row["engine"])
-            ),
-            None,
-        )
-        row["ratio_to_torch"] = (
-            row["median_ms"] / reference["median_ms"]
-            if reference and row["engine"].startswith("gpucnn")
-            else None
-        )
     return {"machine": machine(), "settings": vars(args), "results": results, "gemm": ceilings}
+
+
+NO_RATIO = {"ratio_to_torch": None, "ratio_q1": None, "ratio_q3": None}
+
+
+def reference_engine(engine: str, samples: dict[str, list[float]]) -> str | None:
+    """The torch engine on gpucnn ``engine``'s device, if it was timed; None for torch."""
+    if not engine.startswith("gpucnn"):
+        return None
+    return next(
+        (e for e in samples if e.startswith("torch") and device_of(e) == device_of(engine)), None
+    )
+
+
+def ratio_summary(times: list[float], reference: list[float]) -> dict:
+    """gpucnn/torch time ratio, round by round: the two blocks of a round ran within about
+    a second of each other, so the machine's drift between rounds cancels out of each
+    ratio. Returns the median over rounds and its quartiles, which say how far a verdict
+    on a target can be trusted."""
+    ratios = [t / r for t, r in zip(times, reference, strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    return {"ratio_to_torch": statistics.median(ratios), "ratio_q1": q1, "ratio_q3": q3}
 
 
 def summarise(net: str, engine: str, batch: int, times: list[float], flops: float) -> dict:
@@ -340,6 +351,7 @@ def summarise(net: str, engine: str, batch: int, times: list[float], flops: floa
         "iqr_ms": 1e3 * (quartiles[2] - quartiles[0]),
         "images_per_s": batch / median,
         "gflops": flops / median / 1e9,
+        "times_ms": [1e3 * t for t in times],
     }
 
 
@@ -380,13 +392,17 @@ def table(report: dict) -> str:
         f"machine: {json.dumps(report['machine'])}",
         "",
         f"{'net':<11} {'engine':<13} {'batch':>5} {'median ms':>10} {'IQR ms':>8} "
-        f"{'img/s':>10} {'GFLOP/s':>8} {'vs torch':>8}",
+        f"{'img/s':>10} {'GFLOP/s':>8} {'vs torch':>8} {'ratio IQR':>11}",
     ]
     for r in report["results"]:
-        ratio = f"{r['ratio_to_torch']:.2f}x" if r["ratio_to_torch"] is not None else ""
+        ratio = spread = ""
+        if r["ratio_to_torch"] is not None:
+            ratio = f"{r['ratio_to_torch']:.2f}x"
+            spread = f"{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}"
         lines.append(
             f"{r['net']:<11} {r['engine']:<13} {r['batch']:>5} {r['median_ms']:>10.3f} "
-            f"{r['iqr_ms']:>8.3f} {r['images_per_s']:>10.0f} {r['gflops']:>8.1f} {ratio:>8}"
+            f"{r['iqr_ms']:>8.3f} {r['images_per_s']:>10.0f} {r['gflops']:>8.1f} {ratio:>8} "
+            f"{spread:>11}"
         )
     for g in report["gemm"]:
         lines.append(
@@ -396,34 +412,82 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+FULL_DEFAULTS = {"rounds": 15, "block_seconds": 0.2, "warmup": 3, "gemm_size": 1024}
+QUICK_DEFAULTS = {
+    "rounds": 3,
+    "block_seconds": 0.05,
+    "warmup": 1,
+    "gemm_size": 512,
+    "nets": ["lecture8x8", "digits32", "lenet64"],
+}
+
+
+def count(minimum: int) -> Callable[[str], int]:
+    """argparse type: an int >= minimum, else an error naming the value and the bound."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int >= {minimum}")
+        return value
+
+    return parse
+
+
+def seconds(positive: bool) -> Callable[[str], float]:
+    """argparse type: a finite number of seconds, > 0 (``positive``) or >= 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value > 0 if positive else value >= 0) or value == float("inf"):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of seconds {'> 0' if positive else '>= 0'}"
+            )
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nets", nargs="+", choices=sorted(NETS))
     parser.add_argument(
         "--engines", nargs="+", choices=["gpucnn-numpy", "gpucnn-cupy", "torch-cpu", "torch-cuda"]
     )
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
+    parser.add_argument("--rounds", type=count(1), help="interleaved timing rounds (15)")
     parser.add_argument(
-        "--block-seconds", type=float, default=0.2, help="length of one timed block"
+        "--block-seconds",
+        type=seconds(positive=True),
+        help="length of one timed block (0.2)",
     )
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--torch-threads", type=int, default=2)
-    parser.add_argument("--gemm-size", type=int, default=1024)
+    parser.add_argument("--warmup", type=count(0), help="untimed steps first (3)")
+    parser.add_argument("--torch-threads", type=count(1), default=2)
+    parser.add_argument("--gemm-size", type=count(1), help="n of the n^3 GEMM ceiling (1024)")
     parser.add_argument("--cpu-only", action="store_true")
     parser.add_argument(
         "--pause",
-        type=float,
+        type=seconds(positive=False),
         default=0.15,
         help="idle seconds before each timed block, so BLAS threads left spinning by the "
         "previous engine have gone to sleep (0 to disable)",
     )
-    parser.add_argument("--quick", action="store_true", help="CI smoke run: few rounds, small nets")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI smoke run: 3 short rounds, small nets, GEMM 512 (options given win)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.block_seconds, args.warmup = 3, 0.05, 1
-        args.nets = args.nets or ["lecture8x8", "digits32", "lenet64"]
-        args.gemm_size = 512
+    defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     report = run(args)
     print(table(report))
     if args.json:

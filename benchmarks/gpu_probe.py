@@ -19,15 +19,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import cupy  # noqa: E402
 from bench import NETS, gpucnn_engine  # noqa: E402
+
+from gpucnn.backend import cupy_status  # noqa: E402
+
+cupy, _unavailable = cupy_status()
+if cupy is None:
+    sys.exit(f"gpu_probe.py needs CuPy on a CUDA GPU: {_unavailable}")
+DEFAULT_NETS = ["lecture8x8", "digits32", "lenet64", "lenet256", "lenet4096"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "nets", nargs="*", default=["lecture8x8", "digits32", "lenet64", "lenet256", "lenet4096"]
-    )
+    parser.add_argument("nets", nargs="*", help=f"some of {', '.join(sorted(NETS))}")
     parser.add_argument(
         "--one-step",
         action="store_true",
@@ -39,6 +43,10 @@ def main() -> None:
         help="GPU time of each conv layer's forward and backward (CUDA events)",
     )
     args = parser.parse_args()
+    unknown = [name for name in args.nets if name not in NETS]
+    if unknown:
+        parser.error(f"unknown net {unknown[0]!r}; allowed: {', '.join(sorted(NETS))}")
+    args.nets = args.nets or DEFAULT_NETS
     if args.layers:
         for name in args.nets:
             conv_layer_rates(name)

@@ -3,6 +3,10 @@ CUDA device answers (otherwise it is skipped with the reason)."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -16,6 +20,17 @@ def backend(request):
         if cupy is None:
             pytest.skip(f"CuPy backend not available: {reason.split(' (')[0]}")
     return get_backend(request.param)
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """benchmarks/bench.py, imported as a module (it is a script, not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench", module)  # its dataclasses look themselves up
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -156,16 +156,8 @@ def test_every_config_file_ships_in_the_wheel():
 
 
 @pytest.mark.parametrize("preset, net", [("small_cnn", "digits32"), ("lenet", "lenet256")])
-def test_benchmark_nets_are_the_presets(preset, net, data_files, monkeypatch):
+def test_benchmark_nets_are_the_presets(preset, net, data_files, bench):
     """docs/performance.md says the benchmark times the presets: keep that true."""
-    import importlib.util  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
-    spec = importlib.util.spec_from_file_location("bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench", bench)  # its dataclasses look themselves up
-    spec.loader.exec_module(bench)
     data = ["data=digits"] if preset == "small_cnn" else ["data=idx", f"data.path={data_files}"]
     _, dataset, built, _ = prepare(plain(composed([f"model={preset}", "backend=numpy", *data])))
     timed = bench.build_gpucnn(bench.NETS[net], "numpy")
