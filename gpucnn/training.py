@@ -123,6 +123,7 @@ def fit(
     y_train = _labels_for(model, data.y_train)
     class_train = backend.asarray(data.y_train).astype("int64")  # for accuracy, cast once
     n = len(data.y_train)
+    has_val = len(data.y_val) > 0
     show = sys.stderr.isatty() if progress is None else progress
     result = TrainResult(
         history={k: [] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")}
@@ -159,24 +160,20 @@ def fit(
         train_loss = float(to_host(loss_sum)) / n
         train_accuracy = float(to_host(correct)) / n
         seconds += time.perf_counter() - started
-        val = evaluate(model, data.x_val, data.y_val)
-        epoch_metrics = {
-            "train_loss": train_loss,
-            "train_accuracy": train_accuracy,
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-        }
+        epoch_metrics = {"train_loss": train_loss, "train_accuracy": train_accuracy}
+        if has_val:  # no validation split (val_fraction=0): no val metrics, rather than NaN
+            val = evaluate(model, data.x_val, data.y_val)
+            epoch_metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         for key, value in epoch_metrics.items():
             result.history[key].append(value)
         tracker.log_metrics(
             {**epoch_metrics, "epoch_images_per_second": n / max(seconds / epoch, 1e-9)}, step=epoch
         )
         if bar is not None:
-            bar.set_postfix(
-                loss=f"{train_loss:.4f}",
-                acc=f"{train_accuracy:.3f}",
-                val_acc=f"{val['accuracy']:.3f}",
-            )
+            shown = {"loss": f"{train_loss:.4f}", "acc": f"{train_accuracy:.3f}"}
+            if has_val:
+                shown["val_acc"] = f"{val['accuracy']:.3f}"
+            bar.set_postfix(shown)
             bar.close()
         _log_kernels(model, tracker, epoch, kernels_every, final=epoch == epochs)
     if pending:

@@ -73,6 +73,29 @@ def test_fit_reports_per_step_and_per_epoch(backend):
     assert set(final) == {"test_loss", "test_accuracy", "images_per_second"}
 
 
+def test_fit_without_a_validation_split_logs_no_val_metrics(backend):
+    data = load_dataset("seed_20x20", n_per_class=10, noise=0.3, seed=0)
+    data.x_val, data.y_val = data.x_val[:0], data.y_val[:0]
+    model = Sequential(
+        [Conv2D(1, 20, bias=False), Flatten(), Dense(1)],
+        LogisticLogLikelihood(),
+        data.input_shape,
+        backend=backend,
+        seed=0,
+    )
+    recorder = Recorder()
+    result = fit(
+        model, GradientAscent(0.1), data, epochs=2, batch_size=8, tracker=recorder, progress=False
+    )
+    per_epoch = [metrics for step, metrics in recorder.metrics if "train_loss" in metrics]
+    assert len(per_epoch) == 2
+    assert all("val_loss" not in m and "val_accuracy" not in m for m in per_epoch)
+    logged = [v for _, metrics in recorder.metrics for v in metrics.values()]
+    assert all(np.isfinite(v) for v in logged)  # no NaN gaps in the MLflow charts
+    assert result.history["val_loss"] == [] and len(result.history["train_loss"]) == 2
+    assert np.isfinite(result.test["test_loss"])
+
+
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_fit_checks_every_label_before_the_first_step(backend, split):
     # A bad label in the last training batch (or only in the test split) must stop fit
