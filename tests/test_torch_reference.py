@@ -24,6 +24,7 @@ from gpucnn import (  # noqa: E402
     Tanh,
 )
 from gpucnn.backend import to_host  # noqa: E402
+from gpucnn.ops import MIN_PART_SAMPLES  # noqa: E402
 
 
 def torch_forward(model, x, params):
@@ -92,18 +93,34 @@ NETS = {
         LogisticLogLikelihood,
         (1, 9, 9),
     ),
+    # Overlapping max windows after a ReLU (which the model runs after the pool), uneven
+    # padding and stride, and a batch large enough to be split across threads.
+    "overlap_max_uneven_pad_split": (
+        lambda: [
+            Conv2D(3, 3, stride=(1, 2), padding=(1, 0, 2, 1)),
+            ReLU(),
+            MaxPool2D(3, 2),
+            Conv2D(2, 2),
+            Flatten("C"),
+            Dense(5),
+        ],
+        SoftmaxCrossEntropy,
+        (2, 10, 9),
+    ),
 }
+BATCH = {"overlap_max_uneven_pad_split": 2 * MIN_PART_SAMPLES + 3}
 
 
 @pytest.mark.parametrize("name", list(NETS))
 def test_values_and_gradients_match_pytorch(name, backend, rng):
     layers, head, shape = NETS[name]
     model = Sequential(layers(), head(), shape, backend=backend, dtype="float64", seed=4, l2=0.05)
-    x = rng.standard_normal((5, *shape))
+    n = BATCH.get(name, 5)
+    x = rng.standard_normal((n, *shape))
     if head is LogisticLogLikelihood:
-        labels = rng.integers(0, 2, 5).astype(float)
+        labels = rng.integers(0, 2, n).astype(float)
     else:
-        labels = rng.integers(0, model.output_shape[0], 5)
+        labels = rng.integers(0, model.output_shape[0], n)
     loss = float(to_host(model.loss(x, labels)))
     grads = {k: to_host(v) for k, v in model.backward().items()}
 
