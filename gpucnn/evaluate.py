@@ -23,6 +23,8 @@ from gpucnn.model import load_checkpoint
 from gpucnn.tracking import resolve_store
 from gpucnn.training import evaluate
 
+SPLITS = ("train", "val", "test")
+
 
 def _read_config(path: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf  # noqa: PLC0415
@@ -36,7 +38,7 @@ def _download(run_id: str, uri: str | None, into: Path) -> tuple[Path, Path]:
     import mlflow  # noqa: PLC0415
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
 
-    tracking_uri, _ = resolve_store(uri, Path.cwd())
+    tracking_uri, _ = resolve_store(uri, Path.cwd(), create=False)
     mlflow.set_tracking_uri(tracking_uri)
     try:
         mlflow.MlflowClient().get_run(run_id)
@@ -69,6 +71,10 @@ def evaluate_checkpoint(
             f"checkpoint takes input {model.input_shape} but the data gives {dataset.input_shape}"
         )
     x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
+    if len(y) == 0:
+        hint = " (trained with data.val_fraction=0)" if split == "val" else ""
+        others = " or ".join(name for name in SPLITS if name != split)
+        raise ValueError(f"the run's {split} split has no images{hint}; choose --split {others}")
     metrics = evaluate(model, x, y)
     return {
         "split": split,
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="the run's config.yaml (default: beside the checkpoint)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: as gpucnn.train)")
     parser.add_argument("--backend", default="numpy", choices=["auto", "numpy", "cupy"])
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     args = parser.parse_args(argv)
     try:

@@ -154,18 +154,39 @@ def default_store(base_dir: str | Path) -> tuple[str, str]:
     return f"sqlite:///{runs / 'mlflow.db'}", (runs / "artifacts").as_uri()
 
 
-def resolve_store(uri: str | None, base_dir: str | Path) -> tuple[str, str | None]:
+def resolve_store(
+    uri: str | None, base_dir: str | Path, create: bool = True
+) -> tuple[str, str | None]:
     """The tracking URI to use and, for the embedded store, the artifact location.
 
     Precedence: explicit ``uri`` > ``MLFLOW_TRACKING_URI`` > embedded SQLite under runs/.
+    ``create=False`` is for readers: a SQLite store that does not exist is then an error
+    (MLflow would create an empty one and report the run as not found).
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         check_server(uri)
-        return uri, None
-    db_uri, artifacts = default_store(base_dir)
-    (Path(base_dir) / "runs").mkdir(parents=True, exist_ok=True)
-    return db_uri, artifacts
+        artifacts = None
+    else:
+        uri, artifacts = default_store(base_dir)
+        if create:
+            (Path(base_dir) / "runs").mkdir(parents=True, exist_ok=True)
+    database = sqlite_file(uri)
+    if not create and database is not None and not database.is_file():
+        raise ValueError(
+            f"no MLflow store at {uri}: {str(database)!r} does not exist (run from the "
+            "directory you trained in, or give the store: --tracking-uri or MLFLOW_TRACKING_URI)"
+        )
+    return uri, artifacts
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the current directory when
+    the path is), else None."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri[len(prefix) :] in ("", ":memory:"):
+        return None
+    return Path(uri[len(prefix) :])
 
 
 def is_server(uri: str) -> bool:

@@ -161,6 +161,44 @@ def test_evaluate_names_a_missing_checkpoint(tmp_path, capsys):
     assert error == f"gpucnn.evaluate: error: checkpoint '{gone}' does not exist"
 
 
+def test_evaluate_names_a_missing_store_and_creates_none(tmp_path, monkeypatch, capsys):
+    from gpucnn.evaluate import main as evaluate_main  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert evaluate_main(["--run-id", "abc"]) == 2
+    default = tmp_path / "runs" / "mlflow.db"
+    assert capsys.readouterr().err.startswith(
+        f"gpucnn.evaluate: error: no MLflow store at sqlite:///{default}: '{default}' "
+        "does not exist"
+    )
+    elsewhere = tmp_path / "other.db"
+    assert evaluate_main(["--run-id", "abc", "--tracking-uri", f"sqlite:///{elsewhere}"]) == 2
+    assert f"'{elsewhere}' does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # MLflow would have created an empty store
+
+
+def test_evaluate_refuses_an_empty_split(digits_run, tmp_path, capsys):
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    from gpucnn.evaluate import main as evaluate_main  # noqa: PLC0415
+
+    cwd, _ = digits_run
+    checkpoint = next(Path(cwd, "runs", "hydra").rglob("model.npz"))
+    config = OmegaConf.load(checkpoint.parent / "config.yaml")
+    config.data.val_fraction = 0.0  # as if trained without a validation split
+    OmegaConf.save(config, tmp_path / "config.yaml")
+    argv = ["--checkpoint", str(checkpoint), "--config", str(tmp_path / "config.yaml")]
+    assert evaluate_main([*argv, "--split", "val", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # no NaN metrics printed (nor invalid JSON)
+    assert err.strip() == (
+        "gpucnn.evaluate: error: the run's val split has no images (trained with "
+        "data.val_fraction=0); choose --split train or test"
+    )
+    assert evaluate_main([*argv, "--split", "test"]) == 0
+
+
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_multirun_one_parent_two_children(tmp_path, launcher):
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
