@@ -85,8 +85,10 @@ def walk(
     weights = np.asarray(weights, dtype=np.float64).reshape(-1)
     features = model.layers[2].out_shape[0]
     if weights.size != features:
+        pooled = "x".join(str(d) for d in model.layers[1].out_shape)
         raise ValueError(
-            f"weights have {weights.size} entries but the flattened pooled maps have {features}"
+            f"weights have {weights.size} entries but the flattened pooled maps have {features} "
+            f"(maps C x H x W = {pooled}); give one weight per feature"
         )
     model.set_params({"conv1.weight": kernel, "dense1.weight": weights[:, None]})
     x = image[None]

@@ -89,7 +89,10 @@ def test_shape_mismatches(tmp_path):
     np.save(tmp_path / "w.npy", np.ones(3))
     result = run_cli("--weights", str(tmp_path / "w.npy"))
     assert result.returncode == 2
-    assert "weights have 3 entries but the flattened pooled maps have 4" in result.stderr
+    assert result.stderr.strip() == (
+        "gpucnn.explain: error: weights have 3 entries but the flattened pooled maps have 4 "
+        "(maps C x H x W = 1x2x2); give one weight per feature"
+    )
     np.save(tmp_path / "k.npy", np.ones((3, 3, 3)))
     result = run_cli("--kernel", str(tmp_path / "k.npy"))
     assert "kernel has 3 channels but the image has 1" in result.stderr
