@@ -20,9 +20,11 @@ import copy
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gpucnn import workers
 from gpucnn.backend import (
     Array,
     Backend,
@@ -36,7 +38,7 @@ from gpucnn.backend import (
 from gpucnn.im2col import nchw_to_internal
 from gpucnn.layers import Layer, layer_from_config
 from gpucnn.losses import Head, head_from_config
-from gpucnn.ops import batch_parts, run_parts
+from gpucnn.ops import MIN_PROCESS_PART_SAMPLES, batch_parts, run_parts, run_parts_remote
 from gpucnn.optim import Optimizer, make_optimizer
 
 CHECKPOINT_FORMAT = "gpucnn-checkpoint-v1"
@@ -95,6 +97,7 @@ class Sequential:
         self._loss_ready = False
         self._parts: list[slice] = []
         self._clones: list[tuple[list[Layer], Head]] = []
+        self._worker_parts = 0  # slices of the last loss() that went to worker processes
 
     def _name_layers(self) -> None:
         counts: dict[str, int] = {}
@@ -141,10 +144,13 @@ class Sequential:
 
     # -- computation -----------------------------------------------------------------
     # On NumPy a large batch is split into contiguous slices of samples that run in
-    # parallel threads (gpucnn.ops.batch_parts / run_parts). Slice k > 0 runs through a
-    # clone of the layers and head that shares their parameters but keeps its own caches;
-    # the loss and gradients are the slices' values weighted by their share of the batch,
-    # equal to the unsplit ones up to float rounding.
+    # parallel: in worker processes for a training step (gpucnn.workers), or in threads
+    # (gpucnn.ops.batch_parts / run_parts) where workers cannot run and for forward().
+    # In threads, slice k > 0 runs through a clone of the layers and head that shares
+    # their parameters but keeps its own caches; a worker holds a copy of the model and
+    # gets the current parameters with each slice. The loss and gradients are the
+    # slices' values weighted by their share of the batch, equal to the unsplit ones up
+    # to float rounding.
     def _prepare_input(self, x: Any) -> Array:
         """Checked public-layout batch on the model's backend (not yet internal)."""
         x = self.backend.asarray(x, self.dtype)
@@ -157,6 +163,16 @@ class Sequential:
         if x.shape[0] == 0:
             raise ValueError("the batch is empty (0 samples)")
         return x
+
+    def _split_to_workers(self, n: int) -> tuple[list[slice], list[workers.Worker] | None]:
+        """The batch slices for ``n`` samples and a worker process for each but the first,
+        or (thread slices, None) where workers cannot take them."""
+        if workers.usable() and not is_gpu(self.backend.xp):
+            parts = batch_parts(self.backend.xp, n, MIN_PROCESS_PART_SAMPLES)
+            helpers = workers.pool(len(parts) - 1) if len(parts) > 1 else None
+            if helpers is not None:
+                return parts, helpers
+        return self._split(n), None
 
     def _split(self, n: int) -> list[slice]:
         """The batch slices for ``n`` samples, with a layer clone ready for each but the
@@ -203,14 +219,23 @@ class Sequential:
         if labels.ndim == 0 or labels.size != x.shape[0]:  # checked whole, before any split
             raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({x.shape[0]},)")
         labels = labels.reshape(-1)
-        parts = self._split(x.shape[0])
+        parts, helpers = self._split_to_workers(x.shape[0])
 
         def forward_part(k: int, part: slice) -> tuple[Array, Array]:
             layers, head = self._part(k)
             net = self._run_layers(layers, x[part])
             return net, head.forward(net, labels[part])
 
-        results = run_parts(parts, forward_part)
+        self._worker_parts, results = 0, None
+        if helpers is not None:
+            try:
+                results = self._forward_in_workers(helpers, parts, forward_part, x, labels)
+                self._worker_parts = len(helpers)
+            except workers.WorkerError as err:  # a worker died: threads take over
+                workers.disable(str(err))
+                parts = self._split(x.shape[0])
+        if results is None:
+            results = run_parts(parts, forward_part)
         if len(results) == 1:
             self.last_output, value = results[0]
         else:
@@ -239,7 +264,10 @@ class Sequential:
                 grad = layers[order[position]]._backward(grad, need_input_grad=position > 0)
             return [layer.grads for layer in layers]
 
-        results = run_parts(self._parts, backward_part)
+        if not self._worker_parts:
+            results = run_parts(self._parts, backward_part)
+        else:
+            results = self._backward_in_workers(workers.running(self._worker_parts), backward_part)
         if len(results) > 1:  # weighted sum into the model's own layers
             weights = _slice_weights(self._parts)
             for i, layer in enumerate(self.layers):
@@ -255,6 +283,43 @@ class Sequential:
         self.grads = grads
         self._loss_ready = False
         return grads
+
+    def _forward_in_workers(
+        self,
+        helpers: list[workers.Worker],
+        parts: list[slice],
+        forward_part: Callable[[int, slice], tuple[Array, Array]],
+        x: Array,
+        labels: Array,
+    ) -> list[tuple[Array, Array]]:
+        def send(k: int, part: slice) -> None:
+            workers.send_forward(helpers[k - 1], self, x[part], labels[part])
+
+        def receive(k: int) -> tuple[Array, Array]:
+            net, value = workers.receive_forward(helpers[k - 1], self)
+            return net, self.backend.xp.asarray(value, dtype=self.dtype)
+
+        return run_parts_remote(parts, forward_part, send, receive)
+
+    def _backward_in_workers(
+        self,
+        helpers: list[workers.Worker],
+        backward_part: Callable[[int, slice], list[dict[str, Array]]],
+    ) -> list[list[dict[str, Array]]]:
+        def send(k: int, part: slice) -> None:
+            workers.send_backward(helpers[k - 1], self)
+
+        def receive(k: int) -> list[dict[str, Array]]:
+            grads = workers.receive_backward(helpers[k - 1], self)  # views: summed below
+            return [
+                {key: grads[f"{layer.name}.{key}"] for key in layer.params} for layer in self.layers
+            ]
+
+        try:
+            return run_parts_remote(self._parts, backward_part, send, receive)
+        except workers.WorkerError as err:  # its slice's forward state is gone with it
+            workers.disable(str(err))
+            raise
 
     def predict_proba(self, x: Any) -> Array:
         return self.head.predict_proba(self.forward(x))

@@ -41,6 +41,7 @@ THREADS = max(1, int(os.environ.get("GPUCNN_THREADS", 1 if CPUS <= 2 else 4)))
 PARALLEL_MIN_ELEMENTS = 1 << 16
 BATCH_THREADS = max(1, int(os.environ.get("GPUCNN_BATCH_THREADS", min(2, CPUS))))
 MIN_PART_SAMPLES = 64
+MIN_PROCESS_PART_SAMPLES = 32  # per worker process (gpucnn.workers): less overhead
 _EXECUTOR: list[ThreadPoolExecutor] = []
 _PART_EXECUTOR: list[ThreadPoolExecutor] = []
 _BLAS: list[Any] = []  # [threadpoolctl controller of the BLAS libraries, or None]
@@ -88,14 +89,15 @@ def _inside_part() -> bool:
     return getattr(_IN_PART, "active", False)
 
 
-def batch_parts(xp: Any, n: int) -> list[slice]:
-    """Contiguous slices of a batch of ``n`` samples, one per thread that will run it.
+def batch_parts(xp: Any, n: int, min_samples: int | None = None) -> list[slice]:
+    """Contiguous slices of a batch of ``n`` samples, one per thread (or worker process)
+    that will run it, each of at least ``min_samples`` (default ``MIN_PART_SAMPLES``).
 
     One slice (no split) on CuPy, for small batches, inside a part already, where BLAS
     is held to one thread, or where its threads cannot be limited (the split would
     oversubscribe the cores).
     """
-    parts = min(BATCH_THREADS, n // MIN_PART_SAMPLES)
+    parts = min(BATCH_THREADS, n // (min_samples or MIN_PART_SAMPLES))
     blas = None if parts <= 1 or is_gpu(xp) or _inside_part() else _blas_controller()
     if blas is not None:
         # The BLAS thread setting is the thread budget (OPENBLAS_NUM_THREADS, or what a
@@ -119,10 +121,7 @@ def run_parts(parts: list[slice], body: Callable[[int, slice], T]) -> list[T]:
         _PART_EXECUTOR.append(
             ThreadPoolExecutor(BATCH_THREADS - 1, thread_name_prefix="gpucnn-part")
         )
-    blas = _blas_controller()
-    share = max(1, CPUS // len(parts))  # never more than the user had set
-    limits = {lib.filepath: min(share, lib.num_threads) for lib in blas.lib_controllers}
-    with blas.limit(limits=limits):
+    with _blas_share(len(parts)):
         futures = [
             _PART_EXECUTOR[0].submit(_run_part, body, k, parts[k]) for k in range(1, len(parts))
         ]
@@ -131,6 +130,32 @@ def run_parts(parts: list[slice], body: Callable[[int, slice], T]) -> list[T]:
         finally:
             wait(futures)
         return [first, *(future.result() for future in futures)]
+
+
+def run_parts_remote(
+    parts: list[slice],
+    body: Callable[[int, slice], T],
+    send: Callable[[int, slice], None],
+    receive: Callable[[int], T],
+) -> list[T]:
+    """Like :func:`run_parts`, with parts k >= 1 run elsewhere (worker processes):
+    ``send(k, part)`` hands each one over, part 0 runs here as ``body(0, part)``, then
+    ``receive(k)`` collects the others in order. BLAS here keeps to its share of the
+    cores meanwhile."""
+    with _blas_share(len(parts)):
+        for k in range(1, len(parts)):
+            send(k, parts[k])
+        first = _run_part(body, 0, parts[0])
+        return [first, *(receive(k) for k in range(1, len(parts)))]
+
+
+def _blas_share(parts: int) -> Any:
+    """Context: BLAS limited to this process's share of the cores while ``parts`` run."""
+    blas = _blas_controller()
+    share = max(1, CPUS // parts)  # never more than the user had set
+    return blas.limit(
+        limits={lib.filepath: min(share, lib.num_threads) for lib in blas.lib_controllers}
+    )
 
 
 def _run_part(body: Callable[[int, slice], T], k: int, part: slice) -> T:

@@ -1,5 +1,6 @@
 """A large NumPy batch runs as slices of samples on parallel threads (gpucnn.ops.batch_parts
-and run_parts): the loss, the outputs and every gradient must equal the unsplit ones."""
+and run_parts): the loss, the outputs and every gradient must equal the unsplit ones.
+(Slices in worker processes: test_workers.py.)"""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from gpucnn import (
     Sequential,
     SoftmaxCrossEntropy,
     Tanh,
+    workers,
 )
 from gpucnn.data import Dataset
 from gpucnn.layers import AvgPool2D
@@ -33,7 +35,9 @@ threadpoolctl = pytest.importorskip("threadpoolctl")
 @pytest.fixture
 def split_in_three(monkeypatch):
     """Split any batch of 3 * 4 or more samples into three parts, on a fresh executor
-    (with a BLAS thread budget of 3, whatever this machine's)."""
+    (with a BLAS thread budget of 3, whatever this machine's), in threads: worker
+    processes have their own tests (test_workers.py)."""
+    monkeypatch.setattr(workers, "ENABLED", False)
     monkeypatch.setattr(ops, "BATCH_THREADS", 3)
     monkeypatch.setattr(ops, "MIN_PART_SAMPLES", 4)
     monkeypatch.setattr(ops, "_PART_EXECUTOR", [])

@@ -1,0 +1,439 @@
+"""Worker processes that run slices of a large NumPy batch beside the calling process.
+
+Threads can split a batch too (:func:`gpucnn.ops.run_parts`), but a step makes about a
+hundred NumPy calls per slice and each one needs the GIL to start. On 2 cores two
+threads reached 60-70% parallel efficiency; two processes reached 83-110%
+(docs/performance.md). So where it can, the model sends slices 1..K-1 of a batch to
+worker processes and runs slice 0 itself.
+
+Each worker is a plain ``python -c`` child that runs :func:`serve`, joined to this process by a
+socket pair, not a ``multiprocessing`` child: spawn and forkserver would import the
+user's main script again in the child, which breaks every script without an
+``if __name__ == "__main__"`` guard, and fork is unsafe once BLAS threads exist. A worker
+holds one BLAS thread, ignores Ctrl-C (the parent handles it) and exits when the parent
+closes the socket or dies. It keeps a copy of each model it has served (rebuilt from
+``Sequential.config()``); every forward request carries the current parameters, so the
+copy never goes stale. Arrays (the slice, its labels, the parameters, the gradients)
+travel through a memory file both processes map, an unlinked file that disappears with
+them; the socket carries only small messages. Through the socket alone a LeNet slice of
+32 samples cost about 0.25 ms per step, as much as the split saved.
+
+Only the main thread uses workers, and only on POSIX. ``GPUCNN_BATCH_PROCESSES=0``
+turns them off (threads split the batch instead). A worker that fails to start or dies
+turns them off for the rest of the process, with one warning; the model then falls back
+to threads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+import warnings
+from collections import OrderedDict
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from gpucnn.backend import host_module
+
+ENABLED = os.environ.get("GPUCNN_BATCH_PROCESSES", "1") != "0" and os.name == "posix"
+START_SECONDS = 60.0  # a worker must have imported gpucnn and answered within this
+MODELS_PER_WORKER = 8  # model copies a worker keeps (least recently used dropped)
+# A worker must never split its own slice again, nor run more than one BLAS thread.
+_CHILD_ENV = {
+    "GPUCNN_BATCH_PROCESSES": "0",
+    "GPUCNN_BATCH_THREADS": "1",
+    "GPUCNN_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+_CHILD_MAIN = "import sys; from gpucnn.workers import serve; serve(*map(int, sys.argv[1:]))"
+_POOL: list[Worker] = []
+_STATE = {"broken": None, "pid": None}  # why workers were turned off; the pool's owner
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed: it died, or its slice raised (the message says which)."""
+
+
+class Worker:
+    """One worker process, the socket to it and two shared files: ``inputs`` (slices,
+    labels and parameters, written here and read by the worker while it serves a
+    forward request) and ``outputs`` (gradients, a region per model, written only by the
+    worker). Requests are answered in order; replies not yet read (after an interrupt or
+    an error in the caller) are read and dropped before the next request."""
+
+    def __init__(self) -> None:
+        self.inputs, self.outputs = SharedFile(), SharedFile()
+        parent_end, child_end = socket.socketpair()
+        package_root = str(Path(__file__).resolve().parents[1])
+        path = os.environ.get("PYTHONPATH")
+        env = {
+            **os.environ,
+            **_CHILD_ENV,
+            "PYTHONPATH": package_root + (os.pathsep + path if path else ""),
+        }
+        fds = [child_end.fileno(), self.inputs.fd, self.outputs.fd]
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _CHILD_MAIN, *map(str, fds)],
+                pass_fds=fds,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
+        finally:
+            child_end.close()
+        self.conn = Connection(parent_end.detach())
+        # The model copies the worker holds, mirrored: both sides apply the same
+        # least-recently-used rule to the same sequence of forward requests. Each has a
+        # region of ``outputs`` for its gradients: (offset, bytes, where each goes).
+        self.models: OrderedDict[str, tuple[int, int, dict[str, Spec]]] = OrderedDict()
+        self.free: list[tuple[int, int]] = []  # regions of models no longer held
+        self.outputs_end = 0
+        self.plans: dict[tuple, dict[str, Spec]] = {}  # inputs layouts by model and shapes
+        self.unread = 0
+        if not self.conn.poll(START_SECONDS):
+            self.close()
+            raise WorkerError(f"a worker process did not start within {START_SECONDS:.0f} s")
+        self._receive()  # its "ready"
+
+    def drain(self) -> None:
+        """Read and drop replies left unread, so the worker is idle and the next reply
+        is the next request's."""
+        while self.unread:
+            self._receive(raise_errors=False)
+
+    def send(self, message: tuple) -> None:
+        self.drain()
+        try:
+            self.conn.send(message)
+        except OSError as err:
+            raise self._died(err) from None
+        self.unread += 1
+
+    def receive(self) -> Any:
+        return self._receive()
+
+    def _receive(self, raise_errors: bool = True) -> Any:
+        try:
+            status, payload = self.conn.recv()
+        except (EOFError, OSError) as err:
+            raise self._died(err) from None
+        self.unread = max(0, self.unread - 1)
+        if status == "error" and raise_errors:
+            raise WorkerError(f"batch slice in worker process {self.process.pid}: {payload}")
+        return payload
+
+    def _died(self, err: BaseException) -> WorkerError:
+        code = self.process.poll()
+        state = "exited" if code is None else f"exited with code {code}"
+        return WorkerError(f"worker process {self.process.pid} {state} ({type(err).__name__})")
+
+    def hold(self, key: str, params: dict[str, Any]) -> tuple[bool, dict[str, Spec]]:
+        """Count ``key`` as held by the worker from its next forward request on: (whether
+        it was held before, where its gradients go)."""
+        known = key in self.models
+        if not known:
+            layout = Layout()
+            relative = {name: layout.place(v.shape, v.dtype) for name, v in params.items()}
+            offset = self._allocate(layout.end)
+            specs = {
+                name: (offset + at, shape, dtype) for name, (at, shape, dtype) in relative.items()
+            }
+            self.models[key] = (offset, layout.end, specs)
+            while len(self.models) > MODELS_PER_WORKER:
+                self.forget(next(iter(self.models)))
+        self.models.move_to_end(key)
+        return known, self.models[key][2]
+
+    def forget(self, key: str) -> None:
+        """Stop counting ``key`` as held; its gradient region is free for another model."""
+        if key in self.models:
+            offset, size, _ = self.models.pop(key)
+            self.free.append((offset, size))
+            self.plans = {k: v for k, v in self.plans.items() if k[0] != key}
+
+    def _allocate(self, size: int) -> int:
+        for index, (offset, free_size) in enumerate(self.free):
+            if free_size >= size:
+                del self.free[index]
+                return offset
+        offset, self.outputs_end = self.outputs_end, self.outputs_end + max(size, ALIGN)
+        self.outputs.resize(max(self.outputs.size, self.outputs_end))
+        return offset
+
+    def close(self) -> None:
+        self.conn.close()  # the worker reads EOF and exits
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.inputs.close()
+        self.outputs.close()
+
+
+ALIGN = 64
+Spec = tuple[int, tuple[int, ...], str]  # (offset, shape, dtype) of an array in a SharedFile
+
+
+class SharedFile:
+    """Memory both processes map: a memfd on Linux, else an unlinked temporary file,
+    grown on demand by the parent (the worker maps the size each message names)."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            if hasattr(os, "memfd_create"):
+                fd = os.memfd_create("gpucnn-worker")
+            else:
+                fd, path = tempfile.mkstemp(prefix="gpucnn-worker-")
+                os.unlink(path)
+        self.fd = fd
+        self.size = 0
+        self.map: mmap.mmap | None = None
+        self._views: dict[Any, dict[str, Any]] = {}  # of the current map, by layout
+
+    def resize(self, size: int, grow: bool = True) -> None:
+        """Map ``size`` bytes (the parent grows the file first; the worker follows)."""
+        if size == self.size:
+            return
+        if grow:
+            os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size)  # the old map closes once no view holds it
+        self.size = size
+        self._views = {}
+
+    def view(self, spec: Spec) -> Any:
+        offset, shape, dtype = spec
+        np = host_module()
+        return np.ndarray(shape, dtype=np.dtype(dtype), buffer=self.map, offset=offset)
+
+    def views(self, specs: dict[str, Spec]) -> dict[str, Any]:
+        """Arrays at ``specs`` (name -> (offset, shape, dtype)), made once per layout."""
+        key = tuple(specs.items())
+        found = self._views.get(key)
+        if found is None:
+            if len(self._views) > 64:
+                self._views = {}
+            found = self._views[key] = {name: self.view(spec) for name, spec in specs.items()}
+        return found
+
+    def close(self) -> None:
+        self.map, self._views = None, {}
+        os.close(self.fd)
+
+
+class Layout:
+    """Offsets for a sequence of arrays in a :class:`SharedFile`."""
+
+    def __init__(self) -> None:
+        self.end = 0
+
+    def place(self, shape: tuple[int, ...], dtype: Any) -> Spec:
+        np = host_module()
+        dtype = np.dtype(dtype)
+        offset = self.end
+        count = 1
+        for d in shape:
+            count *= int(d)
+        self.end = -(-(offset + count * dtype.itemsize) // ALIGN) * ALIGN
+        return offset, tuple(int(d) for d in shape), dtype.str
+
+
+def usable() -> bool:
+    """Whether batch slices may go to worker processes from the calling thread."""
+    return (
+        ENABLED
+        and _STATE["broken"] is None
+        and threading.current_thread() is threading.main_thread()
+    )
+
+
+def pool(count: int) -> list[Worker] | None:
+    """``count`` running workers, started on first use; None where they cannot run (then
+    workers stay off for this process, after one warning)."""
+    if os.getpid() != _STATE["pid"]:  # first use, or a forked child: its parent's workers
+        _POOL.clear()  # are not this process's to talk to
+        _STATE["pid"] = os.getpid()
+    try:
+        while len(_POOL) < count:
+            _POOL.append(Worker())
+    except (OSError, WorkerError) as err:
+        disable(f"could not start a worker process: {err}")
+        return None
+    return _POOL[:count]
+
+
+def running(count: int) -> list[Worker]:
+    """The ``count`` workers already serving this process (those of the last loss())."""
+    if count and (os.getpid() != _STATE["pid"] or len(_POOL) < count):
+        raise RuntimeError(
+            "the worker processes of the last loss() have stopped; call loss() again"
+        )
+    return _POOL[:count]
+
+
+def disable(reason: str) -> None:
+    """Turn workers off for the rest of this process and say so once."""
+    if _STATE["broken"] is None:
+        _STATE["broken"] = reason
+        warnings.warn(
+            f"gpucnn: {reason}; large batches are split across threads from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    shutdown()
+
+
+@atexit.register
+def shutdown() -> None:
+    """Close every worker of this process (they exit on their own when it dies, too)."""
+    if _STATE["pid"] == os.getpid():
+        while _POOL:
+            _POOL.pop().close()
+
+
+def model_key(model: Any) -> str:
+    """A name for ``model`` that no other model shares: not ``id()``, which a later
+    object can reuse, and made afresh for a copy (whose ``id()`` differs)."""
+    owner, key = getattr(model, "_worker_key", (None, None))
+    if owner != id(model):
+        key = uuid.uuid4().hex
+        model._worker_key = (id(model), key)
+    return key
+
+
+def send_forward(worker: Worker, model: Any, x: Any, labels: Any) -> None:
+    """Ask ``worker`` for the head input and mean loss of ``model`` on (x, labels), with
+    ``model``'s current parameters; read the answer with :func:`receive_forward`."""
+    worker.drain()  # the worker reads the inputs file until it answers: let it finish
+    key = model_key(model)
+    params = model.params
+    known, grads_at = worker.hold(key, params)
+    signature = (key, x.shape, x.dtype.str, labels.shape, labels.dtype.str)
+    inputs = worker.plans.get(signature)
+    if inputs is None:  # where each array goes; the same every step of a training run
+        if len(worker.plans) > 64:
+            worker.plans.clear()
+        layout = Layout()
+        arrays = {"x": x, "labels": labels, **{f"param/{k}": v for k, v in params.items()}}
+        inputs = worker.plans[signature] = {
+            n: layout.place(a.shape, a.dtype) for n, a in arrays.items()
+        }
+        worker.inputs.resize(max(worker.inputs.size, layout.end))
+    views = worker.inputs.views(inputs)
+    views["x"][...] = x
+    views["labels"][...] = labels
+    for name, value in params.items():
+        views[f"param/{name}"][...] = value
+    config = None if known else model.config()
+    worker.send(("forward", key, config, worker.inputs.size, inputs, worker.outputs.size, grads_at))
+
+
+def receive_forward(worker: Worker, model: Any) -> tuple[Any, float]:
+    """(head input, mean loss) of the slice sent with :func:`send_forward`."""
+    try:
+        return worker.receive()
+    except WorkerError:
+        worker.forget(model_key(model))  # the worker may not hold it
+        raise
+
+
+def send_backward(worker: Worker, model: Any) -> None:
+    """Ask for the gradients of ``model``'s last forward request on ``worker`` (read them
+    with :func:`receive_backward`)."""
+    key = model_key(model)
+    if key not in worker.models:
+        raise RuntimeError(
+            f"the worker process no longer holds this model's slice (over "
+            f"{MODELS_PER_WORKER} other models ran since its loss()); call loss() again"
+        )
+    worker.send(("backward", key, None, worker.inputs.size, None, worker.outputs.size, None))
+
+
+def receive_backward(worker: Worker, model: Any) -> dict[str, Any]:
+    """The slice's gradients by parameter name: views of the shared file, valid until
+    the next request for this model."""
+    worker.receive()
+    return worker.outputs.views(worker.models[model_key(model)][2])
+
+
+# -- the worker's side -------------------------------------------------------------------
+def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
+    """Answer requests on socket ``fd`` until the parent closes it.
+
+    After answering a forward request the worker goes straight on to that slice's
+    gradients, while the parent finishes its own slice, when the model's previous
+    forward was followed by a backward request (a training loop). Forward after forward
+    (evaluation) turns that off again after one wasted backward.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent to handle
+    from gpucnn.model import Sequential  # noqa: PLC0415 - the model imports this module
+
+    conn = Connection(fd)
+    inputs, outputs = SharedFile(inputs_fd), SharedFile(outputs_fd)
+    models: OrderedDict[str, Any] = OrderedDict()
+    live_params: dict[str, dict[str, Any]] = {}  # each model's own parameter arrays
+    # Per model: where its gradients go, whether a backward was asked for since its last
+    # forward, whether they are written, and whether to write them ahead (training).
+    state: dict[str, dict[str, Any]] = {}
+    conn.send(("ok", "ready"))
+    while True:
+        try:
+            kind, key, config, inputs_size, inputs_at, outputs_size, grads_at = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            inputs.resize(inputs_size, grow=False)
+            outputs.resize(outputs_size, grow=False)
+            if kind == "forward":
+                if key not in models:
+                    if config is None:
+                        raise KeyError(f"model {key} is not held here")
+                    models[key] = Sequential.from_config({**config, "l2": 0.0}, "numpy")
+                    live_params[key] = models[key].params
+                    while len(models) > MODELS_PER_WORKER:
+                        gone = models.popitem(last=False)[0]
+                        live_params.pop(gone, None)
+                        state.pop(gone, None)
+                models.move_to_end(key)
+                model = models[key]
+                before = state.get(key)
+                ahead = before["asked"] if before is not None else True
+                state[key] = {"grads_at": grads_at, "asked": False, "ready": False, "ahead": ahead}
+                views = inputs.views(inputs_at)
+                for name, value in live_params[key].items():
+                    value[...] = views[f"param/{name}"]
+                value = float(model.loss(views["x"], views["labels"], penalty=False))
+                conn.send(("ok", (model.last_output, value)))
+                if ahead:
+                    _write_grads(model, outputs, grads_at)
+                    state[key]["ready"] = True
+            elif kind == "backward":
+                if key not in state:
+                    raise RuntimeError(f"backward for model {key} without its forward")
+                if not state[key]["ready"]:
+                    _write_grads(models[key], outputs, state[key]["grads_at"])
+                    state[key]["ready"] = True
+                state[key]["asked"] = True
+                conn.send(("ok", None))
+            else:
+                raise ValueError(f"unknown request {kind!r}")
+        except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
+            conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
+def _write_grads(model: Any, outputs: SharedFile, grads_at: dict[str, Spec]) -> None:
+    views = outputs.views(grads_at)
+    for name, value in model.backward().items():
+        views[name][...] = value

@@ -1,0 +1,249 @@
+"""Batch slices in worker processes (gpucnn.workers): exact results, parameters that
+follow every update, and a clean way out when a worker is interrupted, fails or dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpucnn.ops as ops
+from gpucnn import GradientAscent, workers
+from gpucnn.data import Dataset
+from gpucnn.training import fit
+from tests.test_split import build
+
+threadpoolctl = pytest.importorskip("threadpoolctl")
+pytestmark = pytest.mark.skipif(not workers.ENABLED, reason="worker processes need POSIX")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def two_parts(monkeypatch):
+    """Any batch of 2 * 32 or more samples goes half to one worker process, whatever this
+    machine's core count; workers are put back on and shut down afterwards."""
+    monkeypatch.setattr(ops, "BATCH_THREADS", 2)
+    monkeypatch.setattr(workers, "_STATE", {"broken": None, "pid": None})
+    ops._blas_controller()
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        yield
+    workers.shutdown()
+
+
+def unsplit(monkeypatch, model, x, labels):
+    """(loss, grads, head input) of ``model`` on the whole batch in one piece."""
+    with monkeypatch.context() as patch:
+        patch.setattr(ops, "BATCH_THREADS", 1)
+        loss = float(model.loss(x, labels))
+        grads = {k: v.copy() for k, v in model.backward().items()}
+        assert len(model._parts) == 1 and model._worker_parts == 0
+    return loss, grads, model.last_output.copy()
+
+
+def assert_same(split_result, whole_result):
+    (loss_a, grads_a, out_a), (loss_b, grads_b, out_b) = split_result, whole_result
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-12)
+    np.testing.assert_allclose(out_a, out_b, rtol=1e-12, atol=1e-14)
+    assert set(grads_a) == set(grads_b)
+    for key, value in grads_b.items():
+        np.testing.assert_allclose(grads_a[key], value, rtol=1e-10, atol=1e-14, err_msg=key)
+
+
+def step(model, x, labels):
+    loss = float(model.loss(x, labels))
+    grads = {k: v.copy() for k, v in model.backward().items()}
+    return loss, grads, model.last_output.copy()
+
+
+@pytest.mark.parametrize("head", ["logistic", "softmax"])
+def test_worker_slices_equal_the_unsplit_batch(head, two_parts, monkeypatch, rng):
+    x = rng.standard_normal((71, 3, 9, 9))  # 35 here, 36 in the worker
+    labels = rng.integers(0, 2 if head == "logistic" else 3, 71)
+    split, whole = build(head), build(head)
+    result = step(split, x, labels)
+    assert [(p.start, p.stop) for p in split._parts] == [(0, 35), (35, 71)]
+    assert split._worker_parts == 1
+    assert_same(result, unsplit(monkeypatch, whole, x, labels))
+    # The layers' own gradients hold the whole batch's.
+    for layer in split.layers:
+        for key, value in layer.grads.items():
+            np.testing.assert_allclose(value, whole.layer(layer.name).grads[key], rtol=1e-10)
+
+
+def test_training_with_workers_matches_unsplit(two_parts, monkeypatch, rng):
+    """Every step's parameters reach the worker: after training, the weights agree."""
+    x = rng.standard_normal((200, 3, 9, 9))
+    y = rng.integers(0, 3, 200)
+    data = Dataset("random", x, y, x[:70], y[:70], x[:70], y[:70], num_classes=3)
+    split, whole = build("softmax"), build("softmax")
+    fit(split, GradientAscent(0.1), data, epochs=2, batch_size=100, progress=False)
+    assert split._worker_parts == 1  # the test split (70) went to a worker too
+    with monkeypatch.context() as patch:
+        patch.setattr(ops, "BATCH_THREADS", 1)
+        fit(whole, GradientAscent(0.1), data, epochs=2, batch_size=100, progress=False)
+    for key, value in whole.params.items():
+        np.testing.assert_allclose(split.params[key], value, rtol=1e-9, atol=1e-12, err_msg=key)
+
+
+def test_forward_only_calls_between_steps_stay_exact(two_parts, monkeypatch, rng):
+    """A worker computes a slice's gradients ahead in training, and stops doing so when
+    forwards come without backward (evaluation); either way backward is right."""
+    x = rng.standard_normal((64, 3, 9, 9))
+    labels = rng.integers(0, 3, 64)
+    split, whole = build("softmax"), build("softmax")
+    step(split, x, labels)
+    for _ in range(3):  # evaluation-like: loss only
+        split.loss(x[::-1].copy(), labels[::-1].copy())
+    result = step(split, x, labels)
+    assert_same(result, unsplit(monkeypatch, whole, x, labels))
+
+
+def test_two_models_share_a_worker(two_parts, monkeypatch, rng):
+    x = rng.standard_normal((64, 3, 9, 9))
+    labels = rng.integers(0, 3, 64)
+    first, second = build("softmax"), build("softmax")
+    second.set_params({k: v * 1.5 for k, v in second.params.items()})
+    first.loss(x, labels)
+    second_result = step(second, x, labels)
+    first_grads = first.backward()  # after the other model's step on the same worker
+    assert first._worker_parts == second._worker_parts == 1 and len(workers._POOL) == 1
+    reference = build("softmax")
+    assert_same(
+        (float(first.loss(x, labels)), first_grads, first.last_output),
+        unsplit(monkeypatch, reference, x, labels),
+    )
+    reference.set_params({k: v * 1.5 for k, v in reference.params.items()})
+    assert_same(second_result, unsplit(monkeypatch, reference, x, labels))
+
+
+def test_a_model_copy_gets_its_own_slot(two_parts, monkeypatch, rng):
+    x = rng.standard_normal((64, 3, 9, 9))
+    labels = rng.integers(0, 3, 64)
+    original = build("softmax")
+    step(original, x, labels)
+    twin = build("softmax")
+    twin.__dict__["_worker_key"] = original.__dict__["_worker_key"]  # as a copy carries it
+    twin.set_params({k: v * 1.5 for k, v in original.params.items()})
+    original_loss = float(original.loss(x, labels))
+    twin_result = step(twin, x, labels)
+    original_result = (original_loss, original.backward(), original.last_output)
+    reference = build("softmax")
+    assert_same(original_result, unsplit(monkeypatch, reference, x, labels))
+    reference.set_params({k: v * 1.5 for k, v in reference.params.items()})
+    assert_same(twin_result, unsplit(monkeypatch, reference, x, labels))
+
+
+def test_backward_after_the_worker_dropped_the_model_says_what_to_do(two_parts, rng):
+    x = rng.standard_normal((64, 3, 9, 9))
+    labels = rng.integers(0, 3, 64)
+    first = build("softmax")
+    first.loss(x, labels)
+    for _ in range(workers.MODELS_PER_WORKER):  # each takes the worker's least recent slot
+        build("softmax").loss(x, labels)
+    with pytest.raises(RuntimeError, match="no longer holds this model's slice"):
+        first.backward()
+    step(first, x, labels)  # a new loss() puts it back
+    assert workers.usable()
+
+
+def test_a_reply_left_unread_is_dropped_before_the_next_request(two_parts, monkeypatch, rng):
+    """As after Ctrl-C between sending a slice and reading its answer."""
+    x = rng.standard_normal((64, 3, 9, 9))
+    labels = rng.integers(0, 3, 64)
+    split, whole = build("softmax"), build("softmax")
+    step(split, x, labels)
+    (worker,) = workers.running(split._worker_parts)
+    workers.send_forward(worker, split, x[32:] * 2, labels[32:])  # never read
+    assert worker.unread == 1
+    assert_same(step(split, x, labels), unsplit(monkeypatch, whole, x, labels))
+    assert worker.unread == 0
+
+
+def test_an_error_in_a_worker_is_raised_here_with_its_message(two_parts, rng):
+    split = build("softmax")
+    split.loss(rng.standard_normal((64, 3, 9, 9)), rng.integers(0, 3, 64))
+    (worker,) = workers.running(split._worker_parts)
+    worker.send(("no-such-request", "key", None, worker.inputs.size, None, 0, None))
+    with pytest.raises(workers.WorkerError, match="unknown request 'no-such-request'"):
+        worker.receive()
+
+
+def test_a_dead_worker_hands_over_to_threads(two_parts, monkeypatch, rng):
+    x = rng.standard_normal((64, 3, 9, 9))
+    labels = rng.integers(0, 3, 64)
+    split, whole = build("softmax"), build("softmax")
+    step(split, x, labels)
+    (worker,) = workers.running(split._worker_parts)
+    os.kill(worker.process.pid, signal.SIGKILL)
+    worker.process.wait()
+    with pytest.warns(RuntimeWarning, match=r"worker process \d+ exited with code -9"):
+        result = step(split, x, labels)
+    assert split._worker_parts == 0 and not workers.usable()
+    assert [(p.start, p.stop) for p in split._parts] == [(0, 64)]  # threads need 2 x 64
+    assert_same(result, unsplit(monkeypatch, whole, x, labels))
+
+
+def test_a_worker_that_dies_between_forward_and_backward_is_an_error(two_parts, rng):
+    split = build("softmax")
+    split.loss(rng.standard_normal((64, 3, 9, 9)), rng.integers(0, 3, 64))
+    (worker,) = workers.running(split._worker_parts)
+    os.kill(worker.process.pid, signal.SIGKILL)
+    worker.process.wait()
+    with (
+        pytest.raises(workers.WorkerError, match="exited with code -9"),
+        pytest.warns(RuntimeWarning, match="split across threads from now on"),
+    ):
+        split.backward()
+    assert not workers.usable()
+
+
+def run_script(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "GPUCNN_BATCH_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", **env},
+    )
+
+
+SCRIPT = """
+    # No `if __name__ == "__main__"` guard: workers must not run this script again.
+    import numpy as np
+    from gpucnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
+    from gpucnn import SoftmaxCrossEntropy, workers
+    model = Sequential([Conv2D(4, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(3)],
+                       SoftmaxCrossEntropy(), (1, 8, 8), seed=0)
+    rng = np.random.default_rng(0)
+    model.loss(rng.random((128, 1, 8, 8)), rng.integers(0, 3, 128))
+    model.backward()
+    helpers = workers.running(model._worker_parts)
+    print("workers", *(w.process.pid for w in helpers))
+"""
+
+
+def test_a_script_without_a_main_guard_runs_once_and_leaves_no_process():
+    result = run_script(SCRIPT)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    (line,) = result.stdout.splitlines()  # the script ran once: workers did not rerun it
+    pids = [int(pid) for pid in line.split()[1:]]
+    assert len(pids) == 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{pids[0]}").exists():
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pids[0]}").exists()
+
+
+def test_gpucnn_batch_processes_0_keeps_to_threads():
+    result = run_script(SCRIPT, GPUCNN_BATCH_PROCESSES="0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["workers"]
