@@ -168,7 +168,7 @@ class Sequential:
         """The batch slices for ``n`` samples and a worker process for each but the first,
         or (thread slices, None) where workers cannot take them."""
         if workers.usable() and not is_gpu(self.backend.xp):
-            parts = batch_parts(self.backend.xp, n, MIN_PROCESS_PART_SAMPLES)
+            parts = batch_parts(self.backend.xp, n, MIN_PROCESS_PART_SAMPLES, workers.LEAD)
             helpers = workers.pool(len(parts) - 1) if len(parts) > 1 else None
             if helpers is not None:
                 return parts, helpers

@@ -14,15 +14,18 @@ for about 0.1 s on the other core, and a second pool competing with it made a Le
 is 4, which made a LeNet step at batch 256 15% faster on a 16-core host.
 
 A larger batch is split coarser: :func:`batch_parts` cuts it into contiguous slices of
-samples and :func:`run_parts` runs a whole forward or backward pass on each slice in its
-own thread (the model keeps a clone of its layers per slice). OpenBLAS is limited to its
+samples. A training step sends slices 1..K-1 to worker processes
+(:func:`run_parts_remote`, with :mod:`gpucnn.workers`), which scale better than threads
+because they share no GIL; :func:`run_parts` runs each slice's whole forward or backward
+pass in its own thread instead, where workers cannot run (the model keeps a clone of its
+layers per slice). OpenBLAS is limited to its
 share of the cores meanwhile, through threadpoolctl, and the fine-grained pool above runs
 inline inside a part. ``GPUCNN_BATCH_THREADS`` sets the number of parts (default 2 where
 there are 2 or more CPUs; 1 turns splitting off); it never exceeds BLAS's own thread
 setting, so ``OPENBLAS_NUM_THREADS=1`` (or a joblib worker's budget) keeps one thread.
-A part gets at least ``MIN_PART_SAMPLES`` samples: below that, on the 2-core machine,
-the threads' Python overhead and hand-offs cost more than they saved
-(docs/performance.md).
+A part gets at least ``MIN_PART_SAMPLES`` samples in threads, ``MIN_PROCESS_PART_SAMPLES``
+in worker processes: below that, on the 2-core machine, the Python overhead and hand-offs
+cost more than they saved (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -89,9 +92,10 @@ def _inside_part() -> bool:
     return getattr(_IN_PART, "active", False)
 
 
-def batch_parts(xp: Any, n: int, min_samples: int | None = None) -> list[slice]:
+def batch_parts(xp: Any, n: int, min_samples: int | None = None, lead: float = 0.0) -> list[slice]:
     """Contiguous slices of a batch of ``n`` samples, one per thread (or worker process)
     that will run it, each of at least ``min_samples`` (default ``MIN_PART_SAMPLES``).
+    The first slice gets ``lead`` (a fraction) more than an even share.
 
     One slice (no split) on CuPy, for small batches, inside a part already, where BLAS
     is held to one thread, or where its threads cannot be limited (the split would
@@ -106,6 +110,9 @@ def batch_parts(xp: Any, n: int, min_samples: int | None = None) -> list[slice]:
     if blas is None or parts <= 1:
         return [slice(0, n)]
     bounds = [n * k // parts for k in range(parts + 1)]
+    if lead:
+        first = min(round(n / parts * (1 + lead)), n - parts + 1)
+        bounds = [0] + [first + (n - first) * k // (parts - 1) for k in range(parts)]
     return [slice(bounds[k], bounds[k + 1]) for k in range(parts)]
 
 

@@ -145,6 +145,8 @@ def test_batch_parts_policy(monkeypatch):
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
         assert ops.batch_parts(np, 127) == [slice(0, 127)]
         assert ops.batch_parts(np, 129) == [slice(0, 64), slice(64, 129)]
+        # The first slice can lead (for worker processes): 1/16 more than an even share.
+        assert ops.batch_parts(np, 256, 32, 1 / 16) == [slice(0, 136), slice(136, 256)]
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):  # one-thread budget
         assert ops.batch_parts(np, 1024) == [slice(0, 1024)]
     monkeypatch.setattr(ops, "_BLAS", [None])  # no way to limit BLAS threads: never split
