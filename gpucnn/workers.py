@@ -107,10 +107,13 @@ class Worker:
         self.outputs_end = 0
         self.plans: dict[tuple, dict[str, Spec]] = {}  # inputs layouts by model and shapes
         self.unread = 0
-        if not self.conn.poll(START_SECONDS):
+        try:
+            if not self.conn.poll(START_SECONDS):
+                raise WorkerError(f"a worker process did not start within {START_SECONDS:.0f} s")
+            self._receive()  # its "ready" (or EOF, if it failed to start)
+        except WorkerError:
             self.close()
-            raise WorkerError(f"a worker process did not start within {START_SECONDS:.0f} s")
-        self._receive()  # its "ready"
+            raise
 
     def drain(self) -> None:
         """Read and drop replies left unread, so the worker is idle and the next reply
@@ -140,7 +143,10 @@ class Worker:
         return payload
 
     def _died(self, err: BaseException) -> WorkerError:
-        code = self.process.poll()
+        try:  # its socket closed: it is exiting, or has
+            code = self.process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            code = None
         state = "exited" if code is None else f"exited with code {code}"
         return WorkerError(f"worker process {self.process.pid} {state} ({type(err).__name__})")
 
@@ -181,7 +187,7 @@ class Worker:
         self.conn.close()  # the worker reads EOF and exits
         try:
             self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # stuck: it holds nothing this process needs
             self.process.kill()
             self.process.wait()
         self.inputs.close()

@@ -190,6 +190,17 @@ def test_a_dead_worker_hands_over_to_threads(two_parts, monkeypatch, rng):
     assert_same(result, unsplit(monkeypatch, whole, x, labels))
 
 
+def test_a_worker_that_cannot_start_hands_over_to_threads(two_parts, monkeypatch, rng):
+    monkeypatch.setattr(workers, "_CHILD_MAIN", "import sys; sys.exit(3)")
+    x = rng.standard_normal((64, 3, 9, 9))
+    labels = rng.integers(0, 3, 64)
+    split, whole = build("softmax"), build("softmax")
+    with pytest.warns(RuntimeWarning, match=r"could not start a worker process: .*code 3"):
+        result = step(split, x, labels)
+    assert split._worker_parts == 0 and workers._POOL == [] and not workers.usable()
+    assert_same(result, unsplit(monkeypatch, whole, x, labels))
+
+
 def test_a_worker_that_dies_between_forward_and_backward_is_an_error(two_parts, rng):
     split = build("softmax")
     split.loss(rng.standard_normal((64, 3, 9, 9)), rng.integers(0, 3, 64))
