@@ -94,17 +94,25 @@ def test_split_batch_equals_unsplit(head, split_in_three, monkeypatch, rng):
             np.testing.assert_allclose(value, expected, rtol=1e-10, atol=1e-14)
 
 
-def test_split_training_matches_unsplit(split_in_three, monkeypatch, rng):
-    x = rng.standard_normal((40, 3, 9, 9))
-    y = rng.integers(0, 3, 40)
-    data = Dataset("random", x, y, x[:5], y[:5], x[:5], y[:5], num_classes=3)
+def train_split_and_whole(monkeypatch, rng, n: int, held_out: int, batch_size: int):
+    """Two equal models trained alike on random data, one with batches split as this
+    test's settings say, one whole; their weights must agree. Returns the split one."""
+    x = rng.standard_normal((n, 3, 9, 9))
+    y = rng.integers(0, 3, n)
+    rest = (x[:held_out], y[:held_out])
+    data = Dataset("random", x, y, *rest, *rest, num_classes=3)
     split, whole = build("softmax"), build("softmax")
-    fit(split, GradientAscent(0.1), data, epochs=2, batch_size=16, progress=False)
+    fit(split, GradientAscent(0.1), data, epochs=2, batch_size=batch_size, progress=False)
     with monkeypatch.context() as patch:
         patch.setattr(ops, "BATCH_THREADS", 1)
-        fit(whole, GradientAscent(0.1), data, epochs=2, batch_size=16, progress=False)
+        fit(whole, GradientAscent(0.1), data, epochs=2, batch_size=batch_size, progress=False)
     for key, value in whole.params.items():
         np.testing.assert_allclose(split.params[key], value, rtol=1e-9, atol=1e-12, err_msg=key)
+    return split
+
+
+def test_split_training_matches_unsplit(split_in_three, monkeypatch, rng):
+    train_split_and_whole(monkeypatch, rng, n=40, held_out=5, batch_size=16)
 
 
 def test_fine_grained_pool_runs_inline_inside_a_part(split_in_three, monkeypatch, rng):

@@ -15,10 +15,8 @@ import numpy as np
 import pytest
 
 import gpucnn.ops as ops
-from gpucnn import GradientAscent, workers
-from gpucnn.data import Dataset
-from gpucnn.training import fit
-from tests.test_split import build
+from gpucnn import workers
+from tests.test_split import build, train_split_and_whole
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 pytestmark = pytest.mark.skipif(not workers.ENABLED, reason="worker processes need POSIX")
@@ -56,6 +54,17 @@ def assert_same(split_result, whole_result):
         np.testing.assert_allclose(grads_a[key], value, rtol=1e-10, atol=1e-14, err_msg=key)
 
 
+def after_one_step(rng):
+    """A batch, a model that took one step on it through a worker, a twin for the
+    unsplit reference, and the worker."""
+    x = rng.standard_normal((64, 3, 9, 9))
+    labels = rng.integers(0, 3, 64)
+    split, whole = build("softmax"), build("softmax")
+    step(split, x, labels)
+    (worker,) = workers.running(split._worker_parts)
+    return x, labels, split, whole, worker
+
+
 def step(model, x, labels):
     loss = float(model.loss(x, labels))
     grads = {k: v.copy() for k, v in model.backward().items()}
@@ -79,17 +88,8 @@ def test_worker_slices_equal_the_unsplit_batch(head, two_parts, monkeypatch, rng
 
 def test_training_with_workers_matches_unsplit(two_parts, monkeypatch, rng):
     """Every step's parameters reach the worker: after training, the weights agree."""
-    x = rng.standard_normal((200, 3, 9, 9))
-    y = rng.integers(0, 3, 200)
-    data = Dataset("random", x, y, x[:70], y[:70], x[:70], y[:70], num_classes=3)
-    split, whole = build("softmax"), build("softmax")
-    fit(split, GradientAscent(0.1), data, epochs=2, batch_size=100, progress=False)
-    assert split._worker_parts == 1  # the test split (70) went to a worker too
-    with monkeypatch.context() as patch:
-        patch.setattr(ops, "BATCH_THREADS", 1)
-        fit(whole, GradientAscent(0.1), data, epochs=2, batch_size=100, progress=False)
-    for key, value in whole.params.items():
-        np.testing.assert_allclose(split.params[key], value, rtol=1e-9, atol=1e-12, err_msg=key)
+    split = train_split_and_whole(monkeypatch, rng, n=200, held_out=70, batch_size=100)
+    assert split._worker_parts == 1  # the last loss (the held-out 70) went to a worker too
 
 
 def test_forward_only_calls_between_steps_stay_exact(two_parts, monkeypatch, rng):
@@ -155,11 +155,7 @@ def test_backward_after_the_worker_dropped_the_model_says_what_to_do(two_parts, 
 
 def test_a_reply_left_unread_is_dropped_before_the_next_request(two_parts, monkeypatch, rng):
     """As after Ctrl-C between sending a slice and reading its answer."""
-    x = rng.standard_normal((64, 3, 9, 9))
-    labels = rng.integers(0, 3, 64)
-    split, whole = build("softmax"), build("softmax")
-    step(split, x, labels)
-    (worker,) = workers.running(split._worker_parts)
+    x, labels, split, whole, worker = after_one_step(rng)
     workers.send_forward(worker, split, x[32:] * 2, labels[32:])  # never read
     assert worker.unread == 1
     assert_same(step(split, x, labels), unsplit(monkeypatch, whole, x, labels))
@@ -176,11 +172,7 @@ def test_an_error_in_a_worker_is_raised_here_with_its_message(two_parts, rng):
 
 
 def test_a_dead_worker_hands_over_to_threads(two_parts, monkeypatch, rng):
-    x = rng.standard_normal((64, 3, 9, 9))
-    labels = rng.integers(0, 3, 64)
-    split, whole = build("softmax"), build("softmax")
-    step(split, x, labels)
-    (worker,) = workers.running(split._worker_parts)
+    x, labels, split, whole, worker = after_one_step(rng)
     os.kill(worker.process.pid, signal.SIGKILL)
     worker.process.wait()
     with pytest.warns(RuntimeWarning, match=r"worker process \d+ exited with code -9"):
