@@ -156,6 +156,14 @@ def run_parts_remote(
         return [first, *(receive(k) for k in range(1, len(parts)))]
 
 
+def blas_threads_per_part(parts: int) -> int:
+    """BLAS threads for each of ``parts`` slices that run at once: the cores split evenly,
+    never more than BLAS is set to use now."""
+    blas = _blas_controller()
+    budget = min((lib.num_threads for lib in blas.lib_controllers), default=1) if blas else 1
+    return max(1, min(CPUS // parts, budget))
+
+
 def _blas_share(parts: int) -> Any:
     """Context: BLAS limited to this process's share of the cores while ``parts`` run."""
     blas = _blas_controller()

@@ -6,15 +6,16 @@ threads reached 60-70% parallel efficiency; two processes reached 83-110%
 (docs/performance.md). So where it can, the model sends slices 1..K-1 of a batch to
 worker processes and runs slice 0 itself.
 
-Each worker is a plain ``python -c`` child that runs :func:`serve`, joined to this process by a
-socket pair, not a ``multiprocessing`` child: spawn and forkserver would import the
-user's main script again in the child, which breaks every script without an
+Each worker is a plain ``python -c`` child that runs :func:`serve`, joined to this
+process by a socket pair, not a ``multiprocessing`` child: spawn and forkserver would
+import the user's main script again in the child, which breaks every script without an
 ``if __name__ == "__main__"`` guard, and fork is unsafe once BLAS threads exist. A worker
-holds one BLAS thread, ignores Ctrl-C (the parent handles it) and exits when the parent
-closes the socket or dies. It keeps a copy of each model it has served (rebuilt from
-``Sequential.config()``); every forward request carries the current parameters, so the
-copy never goes stale. Arrays (the slice, its labels, the parameters, the gradients)
-travel through a memory file both processes map, an unlinked file that disappears with
+runs as many BLAS threads as this process keeps for its own slice (its share of the
+cores: one each on 2 cores), ignores Ctrl-C (the parent handles it) and exits when the
+parent closes the socket or dies. It keeps a copy of each model it has served (rebuilt
+from ``Sequential.config()``); every forward request carries the current parameters, so
+the copy never goes stale. Arrays (the slice, its labels, the parameters, the gradients)
+travel through two memory files both processes map, unlinked files that disappear with
 them; the socket carries only small messages. Through the socket alone a LeNet slice of
 32 samples cost about 0.25 ms per step, as much as the split saved.
 
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from gpucnn.backend import host_module
+from gpucnn.ops import blas_threads_per_part
 
 ENABLED = os.environ.get("GPUCNN_BATCH_PROCESSES", "1") != "0" and os.name == "posix"
 START_SECONDS = 60.0  # a worker must have imported gpucnn and answered within this
@@ -52,15 +54,9 @@ MODELS_PER_WORKER = 8  # model copies a worker keeps (least recently used droppe
 # 2 cores (docs/performance.md): LeNet steps at batch 64 and 256 about 10% faster than
 # with even slices; 1/8 more was slower again.
 LEAD = 1 / 16
-# A worker must never split its own slice again, nor run more than one BLAS thread.
-_CHILD_ENV = {
-    "GPUCNN_BATCH_PROCESSES": "0",
-    "GPUCNN_BATCH_THREADS": "1",
-    "GPUCNN_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
+# A worker never splits its own slice again; its BLAS threads are its share of the cores.
+_CHILD_ENV = {"GPUCNN_BATCH_PROCESSES": "0", "GPUCNN_BATCH_THREADS": "1", "GPUCNN_THREADS": "1"}
+_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _CHILD_MAIN = "import sys; from gpucnn.workers import serve; serve(*map(int, sys.argv[1:]))"
 _POOL: list[Worker] = []
 _STATE = {"broken": None, "pid": None}  # why workers were turned off; the pool's owner
@@ -77,7 +73,7 @@ class Worker:
     worker). Requests are answered in order; replies not yet read (after an interrupt or
     an error in the caller) are read and dropped before the next request."""
 
-    def __init__(self) -> None:
+    def __init__(self, blas_threads: int = 1) -> None:
         self.inputs, self.outputs = SharedFile(), SharedFile()
         parent_end, child_end = socket.socketpair()
         package_root = str(Path(__file__).resolve().parents[1])
@@ -85,6 +81,7 @@ class Worker:
         env = {
             **os.environ,
             **_CHILD_ENV,
+            **dict.fromkeys(_BLAS_ENV, str(blas_threads)),
             "PYTHONPATH": package_root + (os.pathsep + path if path else ""),
         }
         fds = [child_end.fileno(), self.inputs.fd, self.outputs.fd]
@@ -277,8 +274,8 @@ def pool(count: int) -> list[Worker] | None:
         _POOL.clear()  # are not this process's to talk to
         _STATE["pid"] = os.getpid()
     try:
-        while len(_POOL) < count:
-            _POOL.append(Worker())
+        while len(_POOL) < count:  # each as many BLAS threads as this process's slice
+            _POOL.append(Worker(blas_threads_per_part(count + 1)))
     except (OSError, WorkerError) as err:
         disable(f"could not start a worker process: {err}")
         return None

@@ -250,3 +250,18 @@ def test_gpucnn_batch_processes_0_keeps_to_threads():
     result = run_script(SCRIPT, GPUCNN_BATCH_PROCESSES="0")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["workers"]
+
+
+def test_a_worker_gets_the_blas_threads_of_its_slice(monkeypatch):
+    """On many cores each slice, here and in the worker, gets an even share."""
+    monkeypatch.setattr(ops, "CPUS", 16)
+    created = []
+    monkeypatch.setattr(workers, "Worker", lambda threads: created.append(threads) or threads)
+    monkeypatch.setattr(workers, "_POOL", [])
+    monkeypatch.setattr(workers, "_STATE", {"broken": None, "pid": None})
+    with threadpoolctl.threadpool_limits(limits=16, user_api="blas"):
+        assert ops.blas_threads_per_part(2) == 8
+        assert workers.pool(1) == [8] and created == [8]
+    with threadpoolctl.threadpool_limits(limits=6, user_api="blas"):  # the user's limit
+        assert ops.blas_threads_per_part(2) == 6
+        assert ops.blas_threads_per_part(4) == 4
