@@ -241,9 +241,17 @@ def test_a_script_without_a_main_guard_runs_once_and_leaves_no_process():
     pids = [int(pid) for pid in line.split()[1:]]
     assert len(pids) == 1
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and Path(f"/proc/{pids[0]}").exists():
+    while time.monotonic() < deadline and alive(pids[0]):
         time.sleep(0.05)
-    assert not Path(f"/proc/{pids[0]}").exists()
+    assert not alive(pids[0])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_gpucnn_batch_processes_0_keeps_to_threads():
