@@ -44,13 +44,54 @@ def deferred_interrupt() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+
+    def hold(signum: int, frame: Any) -> None:
+        received.append(signum)
+        _INTERRUPTED[0] = True
+
+    previous = signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
         if received:
             raise KeyboardInterrupt
+
+
+_INTERRUPTED = [False]  # Ctrl-C arrived inside sticky_interrupts()
+
+
+def _remember_and_raise(signum: int, frame: Any) -> None:
+    _INTERRUPTED[0] = True
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sticky_interrupts() -> Iterator[None]:
+    """Make Ctrl-C impossible to lose inside the block: see :func:`raise_if_interrupted`.
+
+    Python raises KeyboardInterrupt wherever the main thread is when the signal arrives.
+    If that is inside a weakref callback or a ``__del__`` (SQLAlchemy's, during garbage
+    collection, say), the exception is printed as "Exception ignored" and dropped, and
+    training would go on. Within this block the signal is also remembered.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _remember_and_raise)
+    _INTERRUPTED[0] = False
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+        _INTERRUPTED[0] = False
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C arrived in :func:`sticky_interrupts` (the
+    training loop asks once per step, in case the first one was dropped)."""
+    if _INTERRUPTED[0]:
+        raise KeyboardInterrupt
 
 
 def _whole(method: F) -> F:

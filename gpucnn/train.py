@@ -42,6 +42,7 @@ from gpucnn.tracking import (
     flatten_params,
     git_commit,
     resolve_store,
+    sticky_interrupts,
     ui_command,
 )
 from gpucnn.training import DivergedError, check_trainer_settings, fit
@@ -217,7 +218,8 @@ def summary(
 def main(cfg: DictConfig) -> float:
     started = time.perf_counter()
     try:
-        return run(cfg)
+        with sticky_interrupts():
+            return run(cfg)
     except USER_ERRORS as err:
         print(f"gpucnn.train: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -17,7 +17,7 @@ from gpucnn.backend import Array, host_module, to_host
 from gpucnn.losses import LogisticLogLikelihood
 from gpucnn.model import Sequential
 from gpucnn.optim import Optimizer
-from gpucnn.tracking import Tracker, kernel_grid
+from gpucnn.tracking import Tracker, kernel_grid, raise_if_interrupted
 
 
 @dataclass
@@ -140,6 +140,7 @@ def fit(
         correct = xp.zeros((), dtype="int64")
         started = time.perf_counter()
         for start in range(0, n, batch_size):
+            raise_if_interrupted()  # a Ctrl-C that Python dropped (see sticky_interrupts)
             index = order[start : start + batch_size]
             xb, yb, classes_b = x_train[index], y_train[index], class_train[index]
             loss = model.loss(xb, yb)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 
@@ -11,7 +15,7 @@ from gpucnn.data import load_dataset
 from gpucnn.layers import Pool2D
 from gpucnn.losses import LogisticLogLikelihood
 from gpucnn.optim import GradientAscent
-from gpucnn.tracking import Tracker, kernel_grid
+from gpucnn.tracking import Tracker, kernel_grid, sticky_interrupts
 from gpucnn.training import DivergedError, check_trainer_settings, evaluate, fit
 
 
@@ -248,3 +252,29 @@ def test_divergence_stops_training_with_a_clear_error(backend):
         )
     logged = [v for _, v in recorder.histories["train_loss_step"]]
     assert len(logged) >= 5 and not np.isfinite(logged[-1])  # what was seen is still logged
+
+
+class InterruptedInDel:
+    """Sends Ctrl-C to this process from ``__del__``: the KeyboardInterrupt is raised
+    there, and Python drops it ("Exception ignored"), as it does inside SQLAlchemy's
+    weakref callbacks during garbage collection."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs here, inside __del__
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_that_python_drops_still_stops_training():
+    data = load_dataset("seed_20x20", n_per_class=10, noise=0.3, seed=0)
+    model = Sequential(
+        [Conv2D(1, 20, bias=False), Flatten(), Dense(1)], LogisticLogLikelihood(), (1, 20, 20)
+    )
+    before = signal.getsignal(signal.SIGINT)
+    with sticky_interrupts():
+        InterruptedInDel()  # collected at once; its interrupt is lost...
+        with pytest.raises(KeyboardInterrupt):  # ...but the next step raises it
+            fit(model, GradientAscent(0.1), data, epochs=5, batch_size=8, progress=False)
+        assert not model.grads  # stopped before the first step
+    assert signal.getsignal(signal.SIGINT) is before
+    fit(model, GradientAscent(0.1), data, epochs=1, batch_size=8, progress=False)  # cleared
