@@ -44,10 +44,12 @@ def deferred_interrupt() -> Iterator[None]:
         yield
         return
     received: list[int] = []
+    sticky = signal.getsignal(signal.SIGINT) is _remember_and_raise
 
     def hold(signum: int, frame: Any) -> None:
         received.append(signum)
-        _INTERRUPTED[0] = True
+        if sticky:  # inside sticky_interrupts(): remember it there too
+            _INTERRUPTED[0] = True
 
     previous = signal.signal(signal.SIGINT, hold)
     try:

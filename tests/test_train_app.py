@@ -490,7 +490,7 @@ def test_diverging_run_fails_with_one_line(tmp_path):
 
 
 def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends():
-    from gpucnn.tracking import deferred_interrupt  # noqa: PLC0415
+    from gpucnn.tracking import deferred_interrupt, raise_if_interrupted  # noqa: PLC0415
 
     before = signal.getsignal(signal.SIGINT)
     finished = []
@@ -501,6 +501,7 @@ def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends():
             finished.append(True)
     assert finished == [True]
     assert signal.getsignal(signal.SIGINT) is before
+    raise_if_interrupted()  # raised once; nothing left over to stop a later training
 
 
 def test_ctrl_c_never_cuts_a_store_write_in_half(tmp_path, monkeypatch):
