@@ -167,7 +167,7 @@ class Sequential:
     def _split_to_workers(self, n: int) -> tuple[list[slice], list[workers.Worker] | None]:
         """The batch slices for ``n`` samples and a worker process for each but the first,
         or (thread slices, None) where workers cannot take them."""
-        if workers.usable() and not is_gpu(self.backend.xp):
+        if workers.usable():  # batch_parts gives CuPy arrays one slice: no workers
             parts = batch_parts(self.backend.xp, n, MIN_PROCESS_PART_SAMPLES, workers.LEAD)
             helpers = workers.pool(len(parts) - 1) if len(parts) > 1 else None
             if helpers is not None:
@@ -296,7 +296,7 @@ class Sequential:
             workers.send_forward(helpers[k - 1], self, x[part], labels[part])
 
         def receive(k: int) -> tuple[Array, Array]:
-            net, value = workers.receive_forward(helpers[k - 1], self)
+            net, value = helpers[k - 1].receive()
             return net, self.backend.xp.asarray(value, dtype=self.dtype)
 
         return run_parts_remote(parts, forward_part, send, receive)

@@ -28,6 +28,7 @@ to threads.
 from __future__ import annotations
 
 import atexit
+import math
 import mmap
 import os
 import signal
@@ -93,6 +94,11 @@ class Worker:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
             )
+        except OSError:
+            parent_end.close()
+            self.inputs.close()
+            self.outputs.close()
+            raise
         finally:
             child_end.close()
         self.conn = Connection(parent_end.detach())
@@ -251,10 +257,7 @@ class Layout:
         np = host_module()
         dtype = np.dtype(dtype)
         offset = self.end
-        count = 1
-        for d in shape:
-            count *= int(d)
-        self.end = -(-(offset + count * dtype.itemsize) // ALIGN) * ALIGN
+        self.end = -(-(offset + math.prod(shape) * dtype.itemsize) // ALIGN) * ALIGN
         return offset, tuple(int(d) for d in shape), dtype.str
 
 
@@ -323,7 +326,8 @@ def model_key(model: Any) -> str:
 
 def send_forward(worker: Worker, model: Any, x: Any, labels: Any) -> None:
     """Ask ``worker`` for the head input and mean loss of ``model`` on (x, labels), with
-    ``model``'s current parameters; read the answer with :func:`receive_forward`."""
+    ``model``'s current parameters; ``worker.receive()`` then gives (head input, mean
+    loss)."""
     worker.drain()  # the worker reads the inputs file until it answers: let it finish
     key = model_key(model)
     params = model.params
@@ -346,15 +350,6 @@ def send_forward(worker: Worker, model: Any, x: Any, labels: Any) -> None:
         views[f"param/{name}"][...] = value
     config = None if known else model.config()
     worker.send(("forward", key, config, worker.inputs.size, inputs, worker.outputs.size, grads_at))
-
-
-def receive_forward(worker: Worker, model: Any) -> tuple[Any, float]:
-    """(head input, mean loss) of the slice sent with :func:`send_forward`."""
-    try:
-        return worker.receive()
-    except WorkerError:
-        worker.forget(model_key(model))  # the worker may not hold it
-        raise
 
 
 def send_backward(worker: Worker, model: Any) -> None:

@@ -273,3 +273,22 @@ def test_a_worker_gets_the_blas_threads_of_its_slice(monkeypatch):
     with threadpoolctl.threadpool_limits(limits=6, user_api="blas"):  # the user's limit
         assert ops.blas_threads_per_part(2) == 6
         assert ops.blas_threads_per_part(4) == 4
+
+
+def test_the_blas_share_reaches_the_workers_environment(monkeypatch):
+    """What the child is started with (its start is refused here, which must leave no
+    open file behind)."""
+    seen = {}
+
+    def refuse(args, env, pass_fds, **kwargs):
+        seen.update(env=env, fds=pass_fds)
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(workers.subprocess, "Popen", refuse)
+    with pytest.raises(OSError, match="no processes here"):
+        workers.Worker(3)
+    assert {seen["env"][k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")} == {"3"}
+    assert seen["env"]["GPUCNN_BATCH_PROCESSES"] == "0"  # a worker never splits again
+    for fd in seen["fds"]:  # the socket's child end and both shared files are closed
+        with pytest.raises(OSError):
+            os.fstat(fd)
