@@ -39,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpucnn import (  # noqa: E402
+    BatchSplit,
     Conv2D,
     Dense,
     Flatten,
@@ -161,10 +162,11 @@ def gpucnn_engine(net: Net, backend_name: str):
     else:
         y = backend.asarray(rng.integers(0, net.classes, net.batch)).astype("int64")
     optimizer = GradientAscent(0.01)
+    runner = BatchSplit(model)  # the path fit takes: large batches in slices
 
     def step():
-        model.loss(x, y)
-        optimizer.step(model.params, model.backward())
+        runner.loss(x, y)
+        optimizer.step(runner.params, runner.backward())
 
     return step, backend.synchronize, step_flops(model, net.batch)
 

@@ -96,7 +96,7 @@ def conv_layer_rates(name: str) -> None:
     net = NETS[name]
     model = build_gpucnn(net, "cupy")
     rng = np.random.default_rng(0)
-    h = model._prepare_input(rng.standard_normal((net.batch, *net.input_shape)))
+    h = model.prepare_input(rng.standard_normal((net.batch, *net.input_shape)))
     a = cupy.asarray(rng.standard_normal((4096, 4096)), dtype=cupy.float32)
     gemm = 2 * 4096**3 / gpu_ms(lambda: a @ a, 10) / 1e6
     print(f"{name}: cuBLAS float32 GEMM 4096^3 {gemm:,.0f} GFLOP/s")

@@ -20,6 +20,7 @@ from gpucnn.layers import (
 from gpucnn.losses import LogisticLogLikelihood, SoftmaxCrossEntropy
 from gpucnn.model import Sequential, load_checkpoint, save_checkpoint
 from gpucnn.optim import Adam, GradientAscent, Momentum, make_optimizer
+from gpucnn.split import BatchSplit
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "AvgPool2D",
     "Backend",
     "BackendUnavailableError",
+    "BatchSplit",
     "Conv2D",
     "Dense",
     "Flatten",

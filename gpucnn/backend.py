@@ -140,6 +140,12 @@ class Backend:
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
 
+    def __deepcopy__(self, memo: dict) -> Backend:
+        return self  # immutable, and its array module cannot be copied: a model copy shares it
+
+    def __reduce__(self) -> tuple:
+        return get_backend, (self.name, False)
+
 
 def _is_float_name(dtype: Any) -> bool:
     try:

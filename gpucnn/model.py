@@ -20,11 +20,9 @@ import copy
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gpucnn import workers
 from gpucnn.backend import (
     Array,
     Backend,
@@ -38,7 +36,6 @@ from gpucnn.backend import (
 from gpucnn.im2col import nchw_to_internal
 from gpucnn.layers import Layer, layer_from_config
 from gpucnn.losses import Head, head_from_config
-from gpucnn.ops import MIN_PROCESS_PART_SAMPLES, batch_parts, run_parts, run_parts_remote
 from gpucnn.optim import Optimizer, make_optimizer
 
 CHECKPOINT_FORMAT = "gpucnn-checkpoint-v1"
@@ -94,10 +91,9 @@ class Sequential:
         head.check_outputs(shape)
         self.execution_order = plan_execution(self.layers)
         self.grads: dict[str, Array] = {}
+        self.last_output: Array | None = None
         self._loss_ready = False
-        self._parts: list[slice] = []
-        self._clones: list[tuple[list[Layer], Head]] = []
-        self._worker_parts = 0  # slices of the last loss() that went to worker processes
+        self._penalized = False  # whether the last loss() included the L2 penalty
 
     def _name_layers(self) -> None:
         counts: dict[str, int] = {}
@@ -143,16 +139,11 @@ class Sequential:
         return sum(int(v.size) for v in self.params.values())
 
     # -- computation -----------------------------------------------------------------
-    # On NumPy a large batch is split into contiguous slices of samples that run in
-    # parallel: in worker processes for a training step (gpucnn.workers), or in threads
-    # (gpucnn.ops.batch_parts / run_parts) where workers cannot run and for forward().
-    # In threads, slice k > 0 runs through a clone of the layers and head that shares
-    # their parameters but keeps its own caches; a worker holds a copy of the model and
-    # gets the current parameters with each slice. The loss and gradients are the
-    # slices' values weighted by their share of the batch, equal to the unsplit ones up
-    # to float rounding.
-    def _prepare_input(self, x: Any) -> Array:
-        """Checked public-layout batch on the model's backend (not yet internal)."""
+    # A model computes a whole batch in the calling process (the array primitives may
+    # still use threads). Splitting a large batch across threads or worker processes is
+    # a wrapper's job, above the model: gpucnn.split.BatchSplit.
+    def prepare_input(self, x: Any) -> Array:
+        """A checked public-layout batch on the model's backend and dtype (not yet internal)."""
         x = self.backend.asarray(x, self.dtype)
         if tuple(x.shape[1:]) != self.input_shape or x.ndim != len(self.input_shape) + 1:
             raise ValueError(
@@ -164,45 +155,28 @@ class Sequential:
             raise ValueError("the batch is empty (0 samples)")
         return x
 
-    def _split_to_workers(self, n: int) -> tuple[list[slice], list[workers.Worker] | None]:
-        """The batch slices for ``n`` samples and a worker process for each but the first,
-        or (thread slices, None) where workers cannot take them."""
-        if workers.usable():  # batch_parts gives CuPy arrays one slice: no workers
-            parts = batch_parts(self.backend.xp, n, MIN_PROCESS_PART_SAMPLES, workers.LEAD)
-            helpers = workers.pool(len(parts) - 1) if len(parts) > 1 else None
-            if helpers is not None:
-                return parts, helpers
-        return self._split(n), None
+    def prepare_labels(self, labels: Any, count: int) -> Array:
+        """Checked labels for a batch of ``count`` samples, flat, on the model's backend.
 
-    def _split(self, n: int) -> list[slice]:
-        """The batch slices for ``n`` samples, with a layer clone ready for each but the
-        first (made here, on the calling thread, never inside a part)."""
-        parts = batch_parts(self.backend.xp, n)
-        while len(self._clones) < len(parts) - 1:
-            layers = []
-            for layer in self.layers:
-                clone = copy.copy(layer)  # shares the params dict; own caches from here on
-                clone.grads = {}
-                layers.append(clone)
-            self._clones.append((layers, copy.copy(self.head)))
-        return parts
+        Host labels are checked against the head (a device label would cost a transfer
+        to look at; fit and evaluate check whole splits once on the host instead).
+        """
+        if not is_gpu(array_module(labels)):
+            self.head.check_labels(to_host(labels), self.output_shape)
+        labels = self.backend.asarray(labels)
+        if labels.ndim == 0 or labels.size != count:
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({count},)")
+        return labels.reshape(-1)
 
-    def _part(self, k: int) -> tuple[list[Layer], Head]:
-        """Layers and head for batch slice k: the model's own for k = 0, else a clone."""
-        return (self.layers, self.head) if k == 0 else self._clones[k - 1]
-
-    def _run_layers(self, layers: list[Layer], x: Array) -> Array:
+    def _run_layers(self, x: Array) -> Array:
         h = nchw_to_internal(x) if x.ndim == 4 else x
         for index in self.execution_order:
-            h = layers[index]._forward(h)
+            h = self.layers[index]._forward(h)
         return h
 
     def forward(self, x: Any) -> Array:
         """The head's input (logits / net) for a batch, shape (N,) + output_shape."""
-        x = self._prepare_input(x)
-        parts = self._split(x.shape[0])
-        outs = run_parts(parts, lambda k, part: self._run_layers(self._part(k)[0], x[part]))
-        return outs[0] if len(outs) == 1 else self.backend.xp.concatenate(outs)
+        return self._run_layers(self.prepare_input(x))
 
     def loss(self, x: Any, labels: Any, penalty: bool = True) -> Array:
         """Mean loss over the batch (plus the L2 penalty unless ``penalty=False``), as a
@@ -211,115 +185,63 @@ class Sequential:
         Left on the device so a training step never waits for the host; read it with
         :func:`gpucnn.backend.to_scalar` when you want the number. The head's input is
         kept in ``last_output`` (for accuracy without a second forward pass).
+        :meth:`backward` then gives the gradient of exactly this value.
         """
-        x = self._prepare_input(x)
-        if not is_gpu(array_module(labels)):  # host labels; device ones would cost a transfer
-            self.head.check_labels(host_module().asarray(labels), self.output_shape)
-        labels = self.backend.asarray(labels)
-        if labels.ndim == 0 or labels.size != x.shape[0]:  # checked whole, before any split
-            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({x.shape[0]},)")
-        labels = labels.reshape(-1)
-        parts, helpers = self._split_to_workers(x.shape[0])
-
-        def forward_part(k: int, part: slice) -> tuple[Array, Array]:
-            layers, head = self._part(k)
-            net = self._run_layers(layers, x[part])
-            return net, head.forward(net, labels[part])
-
-        self._worker_parts, results = 0, None
-        if helpers is not None:
-            try:
-                results = self._forward_in_workers(helpers, parts, forward_part, x, labels)
-                self._worker_parts = len(helpers)
-            except workers.WorkerError as err:  # a worker died: threads take over
-                workers.disable(str(err))
-                parts = self._split(x.shape[0])
-        if results is None:
-            results = run_parts(parts, forward_part)
-        if len(results) == 1:
-            self.last_output, value = results[0]
-        else:
-            self.last_output = self.backend.xp.concatenate([net for net, _ in results])
-            weights = _slice_weights(parts)
-            value = sum(w * part_loss for w, (_, part_loss) in zip(weights, results, strict=True))
-        self._parts = parts
-        if self.l2 and penalty:
-            params = self.params
-            penalty = sum((params[k] * params[k]).sum() for k in self.decayed_params())
-            value = value + (0.5 * self.l2) * penalty
-        self._loss_ready = True
+        x = self.prepare_input(x)
+        value = self.data_loss(x, self.prepare_labels(labels, x.shape[0]))
+        if penalty and self.l2:
+            value = value + self.penalty()
+            self._penalized = True
         return value
+
+    def data_loss(self, x: Array, labels: Array) -> Array:
+        """The head's mean loss on a batch already checked by :meth:`prepare_input` and
+        :meth:`prepare_labels`, without the L2 penalty; :meth:`backward` follows it."""
+        self.last_output = self._run_layers(x)
+        value = self.head.forward(self.last_output, labels)
+        self._loss_ready, self._penalized = True, False
+        return value
+
+    def penalty(self) -> Array:
+        """The L2 penalty (l2 / 2) * sum ||W||^2 over the weights (never the biases)."""
+        params = self.params
+        return (0.5 * self.l2) * sum((params[k] * params[k]).sum() for k in self.decayed_params())
+
+    def penalty_gradients(self) -> dict[str, Array]:
+        """d penalty / d W for each weight under L2: l2 * W."""
+        params = self.params
+        return {key: self.l2 * params[key] for key in self.decayed_params()}
 
     def backward(self) -> dict[str, Array]:
         """Backpropagate the last :meth:`loss`; fills and returns ``grads`` by name."""
         if not self._loss_ready:
             raise RuntimeError("call loss(x, labels) before backward()")
         order = self.execution_order
-
-        def backward_part(k: int, part: slice) -> list[dict[str, Array]]:
-            layers, head = self._part(k)
-            grad = head.backward()
-            for position in range(len(order) - 1, -1, -1):
-                # The first layer's input gradient is never used: skip its col2im.
-                grad = layers[order[position]]._backward(grad, need_input_grad=position > 0)
-            return [layer.grads for layer in layers]
-
-        if not self._worker_parts:
-            results = run_parts(self._parts, backward_part)
-        else:
-            results = self._backward_in_workers(workers.running(self._worker_parts), backward_part)
-        if len(results) > 1:  # weighted sum into the model's own layers
-            weights = _slice_weights(self._parts)
-            for i, layer in enumerate(self.layers):
-                for key in layer.grads:
-                    layer.grads[key] = sum(
-                        w * part[i][key] for w, part in zip(weights, results, strict=True)
-                    )
+        grad = self.head.backward()
+        for position in range(len(order) - 1, -1, -1):
+            # The first layer's input gradient is never used: skip its col2im.
+            grad = self.layers[order[position]]._backward(grad, need_input_grad=position > 0)
         grads = {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.grads.items()}
-        if self.l2:
-            params = self.params
-            for key in self.decayed_params():
-                grads[key] = grads[key] + self.l2 * params[key]
+        if self._penalized:
+            for key, value in self.penalty_gradients().items():
+                grads[key] = grads[key] + value
         self.grads = grads
         self._loss_ready = False
         return grads
 
-    def _forward_in_workers(
-        self,
-        helpers: list[workers.Worker],
-        parts: list[slice],
-        forward_part: Callable[[int, slice], tuple[Array, Array]],
-        x: Array,
-        labels: Array,
-    ) -> list[tuple[Array, Array]]:
-        def send(k: int, part: slice) -> None:
-            workers.send_forward(helpers[k - 1], self, x[part], labels[part])
-
-        def receive(k: int) -> tuple[Array, Array]:
-            net, value = helpers[k - 1].receive()
-            return net, self.backend.xp.asarray(value, dtype=self.dtype)
-
-        return run_parts_remote(parts, forward_part, send, receive)
-
-    def _backward_in_workers(
-        self,
-        helpers: list[workers.Worker],
-        backward_part: Callable[[int, slice], list[dict[str, Array]]],
-    ) -> list[list[dict[str, Array]]]:
-        def send(k: int, part: slice) -> None:
-            workers.send_backward(helpers[k - 1], self)
-
-        def receive(k: int) -> list[dict[str, Array]]:
-            grads = workers.receive_backward(helpers[k - 1], self)  # views: summed below
-            return [
-                {key: grads[f"{layer.name}.{key}"] for key in layer.params} for layer in self.layers
-            ]
-
-        try:
-            return run_parts_remote(self._parts, backward_part, send, receive)
-        except workers.WorkerError as err:  # its slice's forward state is gone with it
-            workers.disable(str(err))
-            raise
+    def replica(self) -> Sequential:
+        """A model that computes with this one's parameters (the same arrays, so every
+        update reaches it) but keeps its own forward caches and gradients: one per thread
+        that runs a slice of a batch."""
+        twin = copy.copy(self)
+        twin.layers = []
+        for layer in self.layers:
+            clone = copy.copy(layer)  # shares the params dict; own caches from here on
+            clone.grads = {}
+            twin.layers.append(clone)
+        twin.head = copy.copy(self.head)
+        twin.grads, twin.last_output, twin._loss_ready = {}, None, False
+        return twin
 
     def predict_proba(self, x: Any) -> Array:
         return self.head.predict_proba(self.forward(x))
@@ -367,11 +289,6 @@ class Sequential:
 
     def save(self, path: str | os.PathLike, optimizer: Optimizer | None = None) -> Path:
         return save_checkpoint(path, self, optimizer)
-
-
-def _slice_weights(parts: list[slice]) -> list[float]:
-    """Each batch slice's share of the batch (the slices run from 0 to the batch size)."""
-    return [(part.stop - part.start) / parts[-1].stop for part in parts]
 
 
 def plan_execution(layers: list[Layer]) -> list[int]:

@@ -17,6 +17,7 @@ from gpucnn.backend import Array, host_module, to_host
 from gpucnn.losses import LogisticLogLikelihood
 from gpucnn.model import Sequential
 from gpucnn.optim import Optimizer
+from gpucnn.split import BatchSplit
 from gpucnn.tracking import Tracker, kernel_grid, raise_if_interrupted
 
 
@@ -36,8 +37,23 @@ def _labels_for(model: Sequential, y: Any) -> Array:
     return model.backend.asarray(y).astype("int64")
 
 
-def evaluate(model: Sequential, x: Any, y: Any, batch_size: int = 512) -> dict[str, Any]:
+def _model_and_runner(model: Sequential | BatchSplit, split_batches: bool) -> tuple[Any, Any]:
+    """(the Sequential, what computes its batches): a plain model is wrapped in a
+    BatchSplit unless ``split_batches`` is false; a wrapper is used as it is."""
+    if isinstance(model, Sequential):
+        return model, BatchSplit(model) if split_batches else model
+    return model.model, model
+
+
+def evaluate(
+    model: Sequential | BatchSplit,
+    x: Any,
+    y: Any,
+    batch_size: int = 512,
+    split_batches: bool = True,
+) -> dict[str, Any]:
     """Data loss (no L2 penalty), accuracy and confusion matrix over a whole split."""
+    model, runner = _model_and_runner(model, split_batches)
     xp = model.backend.xp
     n = len(y)
     if n == 0:
@@ -49,8 +65,8 @@ def evaluate(model: Sequential, x: Any, y: Any, batch_size: int = 512) -> dict[s
     predictions = []
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        total += model.loss(x[start:stop], labels[start:stop], penalty=False) * (stop - start)
-        predictions.append(model.head.predict(model.last_output))
+        total += runner.loss(x[start:stop], labels[start:stop], penalty=False) * (stop - start)
+        predictions.append(model.head.predict(runner.last_output))
     predicted = to_host(xp.concatenate(predictions))
     truth = to_host(y).astype("int64")
     classes = max(int(model.output_shape[0]), 2)
@@ -81,7 +97,7 @@ def check_trainer_settings(trainer: dict[str, Any]) -> None:
 
 
 def fit(
-    model: Sequential,
+    model: Sequential | BatchSplit,
     optimizer: Optimizer,
     data: Any,
     epochs: int,
@@ -91,10 +107,14 @@ def fit(
     kernels_every: int = 1,
     tracker: Tracker | None = None,
     progress: bool | None = None,
+    split_batches: bool = True,
 ) -> TrainResult:
     """Train ``model`` on ``data`` (a :class:`gpucnn.data.Dataset`), report to ``tracker``.
 
-    ``progress=None`` shows a bar per epoch only when stderr is a terminal.
+    Each batch is computed through a :class:`~gpucnn.split.BatchSplit` of the model
+    (slices in parallel where that pays) unless ``split_batches`` is false or ``model``
+    is a wrapper already. ``progress=None`` shows a bar per epoch only when stderr is a
+    terminal.
     """
     for value, what in (
         (epochs, "trainer.epochs"),
@@ -107,6 +127,7 @@ def fit(
         raise ValueError(
             f"trainer.kernels_every must be an int >= 0 (0 = never), got {kernels_every!r}"
         )
+    model, runner = _model_and_runner(model, split_batches)
     tracker = tracker or Tracker()
     backend = model.backend
     xp = backend.xp
@@ -143,10 +164,10 @@ def fit(
             raise_if_interrupted()  # a Ctrl-C that Python dropped (see sticky_interrupts)
             index = order[start : start + batch_size]
             xb, yb, classes_b = x_train[index], y_train[index], class_train[index]
-            loss = model.loss(xb, yb)
-            optimizer.step(model.params, model.backward())
+            loss = runner.loss(xb, yb)
+            optimizer.step(runner.params, runner.backward())
             loss_sum += loss * len(index)
-            correct += (model.head.predict(model.last_output) == classes_b).sum()
+            correct += (model.head.predict(runner.last_output) == classes_b).sum()
             pending.append(loss)
             step += 1
             if len(pending) == log_every:
@@ -163,7 +184,7 @@ def fit(
         seconds += time.perf_counter() - started
         epoch_metrics = {"train_loss": train_loss, "train_accuracy": train_accuracy}
         if has_val:  # no validation split (val_fraction=0): no val metrics, rather than NaN
-            val = evaluate(model, data.x_val, data.y_val)
+            val = evaluate(runner, data.x_val, data.y_val)
             epoch_metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         for key, value in epoch_metrics.items():
             result.history[key].append(value)
@@ -183,7 +204,7 @@ def fit(
         )
     result.steps = step
     result.images_per_second = n * epochs / max(seconds, 1e-9)
-    test = evaluate(model, data.x_test, data.y_test)
+    test = evaluate(runner, data.x_test, data.y_test)
     result.confusion = test.pop("confusion")
     result.test = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
     tracker.log_metrics({**result.test, "images_per_second": result.images_per_second}, step=step)

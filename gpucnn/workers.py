@@ -31,7 +31,6 @@ import atexit
 import math
 import mmap
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -58,7 +57,7 @@ LEAD = 1 / 16
 # A worker never splits its own slice again; its BLAS threads are its share of the cores.
 _CHILD_ENV = {"GPUCNN_BATCH_PROCESSES": "0", "GPUCNN_BATCH_THREADS": "1", "GPUCNN_THREADS": "1"}
 _BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-_CHILD_MAIN = "import sys; from gpucnn.workers import serve; serve(*map(int, sys.argv[1:]))"
+_CHILD_MAIN = "import sys; from gpucnn.serve import serve; serve(*map(int, sys.argv[1:]))"
 _POOL: list[Worker] = []
 _STATE = {"broken": None, "pid": None}  # why workers were turned off; the pool's owner
 
@@ -314,22 +313,24 @@ def shutdown() -> None:
             _POOL.pop().close()
 
 
-def model_key(model: Any) -> str:
-    """A name for ``model`` that no other model shares: not ``id()``, which a later
-    object can reuse, and made afresh for a copy (whose ``id()`` differs)."""
-    owner, key = getattr(model, "_worker_key", (None, None))
-    if owner != id(model):
+def slot_key(owner: Any) -> str:
+    """The name of ``owner``'s model copy in the workers (``owner`` sends its slices):
+    no other owner shares it. Not ``id()``, which a later object can reuse, and made
+    afresh for a copy (whose ``id()`` differs)."""
+    held_by, key = getattr(owner, "_worker_key", (None, None))
+    if held_by != id(owner):
         key = uuid.uuid4().hex
-        model._worker_key = (id(model), key)
+        owner._worker_key = (id(owner), key)
     return key
 
 
-def send_forward(worker: Worker, model: Any, x: Any, labels: Any) -> None:
-    """Ask ``worker`` for the head input and mean loss of ``model`` on (x, labels), with
-    ``model``'s current parameters; ``worker.receive()`` then gives (head input, mean
-    loss)."""
+def send_forward(worker: Worker, owner: Any, model: Any, x: Any, labels: Any) -> None:
+    """Ask ``worker`` for the head input and mean loss (no L2 penalty) of ``model`` on
+    (x, labels), with ``model``'s current parameters, in the slot of ``owner``;
+    ``worker.receive()`` then gives (head input, mean loss). ``model`` needs only
+    ``params`` and ``config()``."""
     worker.drain()  # the worker reads the inputs file until it answers: let it finish
-    key = model_key(model)
+    key = slot_key(owner)
     params = model.params
     known, grads_at = worker.hold(key, params)
     signature = (key, x.shape, x.dtype.str, labels.shape, labels.dtype.str)
@@ -352,10 +353,10 @@ def send_forward(worker: Worker, model: Any, x: Any, labels: Any) -> None:
     worker.send(("forward", key, config, worker.inputs.size, inputs, worker.outputs.size, grads_at))
 
 
-def send_backward(worker: Worker, model: Any) -> None:
-    """Ask for the gradients of ``model``'s last forward request on ``worker`` (read them
+def send_backward(worker: Worker, owner: Any) -> None:
+    """Ask for the gradients of ``owner``'s last forward request on ``worker`` (read them
     with :func:`receive_backward`)."""
-    key = model_key(model)
+    key = slot_key(owner)
     if key not in worker.models:
         raise RuntimeError(
             f"the worker process no longer holds this model's slice (over "
@@ -364,79 +365,8 @@ def send_backward(worker: Worker, model: Any) -> None:
     worker.send(("backward", key, None, worker.inputs.size, None, worker.outputs.size, None))
 
 
-def receive_backward(worker: Worker, model: Any) -> dict[str, Any]:
+def receive_backward(worker: Worker, owner: Any) -> dict[str, Any]:
     """The slice's gradients by parameter name: views of the shared file, valid until
-    the next request for this model."""
+    the next request in ``owner``'s slot."""
     worker.receive()
-    return worker.outputs.views(worker.models[model_key(model)][2])
-
-
-# -- the worker's side -------------------------------------------------------------------
-def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
-    """Answer requests on socket ``fd`` until the parent closes it.
-
-    After answering a forward request the worker goes straight on to that slice's
-    gradients, while the parent finishes its own slice, when the model's previous
-    forward was followed by a backward request (a training loop). Forward after forward
-    (evaluation) turns that off again after one wasted backward.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent to handle
-    from gpucnn.model import Sequential  # noqa: PLC0415 - the model imports this module
-
-    conn = Connection(fd)
-    inputs, outputs = SharedFile(inputs_fd), SharedFile(outputs_fd)
-    models: OrderedDict[str, Any] = OrderedDict()
-    live_params: dict[str, dict[str, Any]] = {}  # each model's own parameter arrays
-    # Per model: where its gradients go, whether a backward was asked for since its last
-    # forward, whether they are written, and whether to write them ahead (training).
-    state: dict[str, dict[str, Any]] = {}
-    conn.send(("ok", "ready"))
-    while True:
-        try:
-            kind, key, config, inputs_size, inputs_at, outputs_size, grads_at = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            inputs.resize(inputs_size, grow=False)
-            outputs.resize(outputs_size, grow=False)
-            if kind == "forward":
-                if key not in models:
-                    if config is None:
-                        raise KeyError(f"model {key} is not held here")
-                    models[key] = Sequential.from_config({**config, "l2": 0.0}, "numpy")
-                    live_params[key] = models[key].params
-                    while len(models) > MODELS_PER_WORKER:
-                        gone = models.popitem(last=False)[0]
-                        live_params.pop(gone, None)
-                        state.pop(gone, None)
-                models.move_to_end(key)
-                model = models[key]
-                before = state.get(key)
-                ahead = before["asked"] if before is not None else True
-                state[key] = {"grads_at": grads_at, "asked": False, "ready": False, "ahead": ahead}
-                views = inputs.views(inputs_at)
-                for name, value in live_params[key].items():
-                    value[...] = views[f"param/{name}"]
-                value = float(model.loss(views["x"], views["labels"], penalty=False))
-                conn.send(("ok", (model.last_output, value)))
-                if ahead:
-                    _write_grads(model, outputs, grads_at)
-                    state[key]["ready"] = True
-            elif kind == "backward":
-                if key not in state:
-                    raise RuntimeError(f"backward for model {key} without its forward")
-                if not state[key]["ready"]:
-                    _write_grads(models[key], outputs, state[key]["grads_at"])
-                    state[key]["ready"] = True
-                state[key]["asked"] = True
-                conn.send(("ok", None))
-            else:
-                raise ValueError(f"unknown request {kind!r}")
-        except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
-            conn.send(("error", f"{type(err).__name__}: {err}"))
-
-
-def _write_grads(model: Any, outputs: SharedFile, grads_at: dict[str, Spec]) -> None:
-    views = outputs.views(grads_at)
-    for name, value in model.backward().items():
-        views[name][...] = value
+    return worker.outputs.views(worker.models[slot_key(owner)][2])

@@ -51,7 +51,7 @@ def lecture_model(backend, flatten_order="F"):
 
 def run_layers(model, x):
     """Each intermediate of the forward pass, on the host."""
-    out, h = {}, nchw_to_internal(model._prepare_input(x))
+    out, h = {}, nchw_to_internal(model.prepare_input(x))
     for layer in model.layers:
         h = layer._forward(h)
         out[layer.name] = h

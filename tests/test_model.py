@@ -3,6 +3,7 @@ parameters by name, and checkpoint round trips."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -136,6 +137,70 @@ def test_l2_penalty_is_on_weights_not_biases(rng):
     for key in ("conv1.weight", "dense1.weight"):
         np.testing.assert_allclose(g_reg[key], g_plain[key] + 0.5 * plain.params[key])
     assert regularised.decayed_params() == ["conv1.weight", "dense1.weight"]
+
+
+def test_backward_is_the_gradient_of_the_last_loss_with_or_without_penalty(rng):
+    """loss(penalty=False) then backward() gives the data term's gradient, checked
+    against finite differences of that same data term."""
+    model = Sequential(
+        [Conv2D(2, 3), Tanh(), Flatten(), Dense(3)],
+        SoftmaxCrossEntropy(),
+        (1, 5, 5),
+        dtype="float64",
+        seed=2,
+        l2=0.3,
+    )
+    x, y = rng.standard_normal((4, 1, 5, 5)), rng.integers(0, 3, 4)
+    data_value = float(model.loss(x, y, penalty=False))
+    data_grads = {k: v.copy() for k, v in model.backward().items()}
+    assert float(model.loss(x, y)) == pytest.approx(data_value + float(model.penalty()))
+    full_grads = model.backward()
+    for key, param in model.params.items():
+        numeric = numerical_gradient(lambda: float(model.loss(x, y, penalty=False)), param)
+        assert_close(data_grads[key], numeric, what=key)
+        extra = 0.3 * param if key.endswith("weight") else 0.0
+        np.testing.assert_allclose(full_grads[key], data_grads[key] + extra, err_msg=key)
+
+
+def test_a_replica_shares_parameters_but_not_caches(rng):
+    model = Sequential(
+        [Conv2D(2, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(2)],
+        SoftmaxCrossEntropy(),
+        (1, 8, 8),
+        dtype="float64",
+        seed=1,
+    )
+    replica = model.replica()
+    assert all(replica.params[k] is v for k, v in model.params.items())
+    a, b = rng.standard_normal((3, 1, 8, 8)), rng.standard_normal((5, 1, 8, 8))
+    ya, yb = rng.integers(0, 2, 3), rng.integers(0, 2, 5)
+    model.loss(a, ya)
+    replica.loss(b, yb)  # its own caches: the model's backward still sees batch a
+    grads_a = {k: v.copy() for k, v in model.backward().items()}
+    twin = Sequential(
+        [Conv2D(2, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(2)],
+        SoftmaxCrossEntropy(),
+        (1, 8, 8),
+        dtype="float64",
+        seed=1,
+    )
+    twin.loss(a, ya)
+    for key, value in twin.backward().items():
+        np.testing.assert_allclose(grads_a[key], value, err_msg=key)
+    model.params["dense1.weight"] += 1.0  # an update in place reaches the replica
+    np.testing.assert_allclose(replica.forward(a), model.forward(a))
+
+
+def test_a_deep_copy_is_independent_and_computes_the_same(rng):
+    model = Sequential(
+        [Conv2D(2, 3), Flatten(), Dense(1)], LogisticLogLikelihood(), (1, 4, 4), seed=0
+    )
+    twin = copy.deepcopy(model)
+    x = rng.standard_normal((2, 1, 4, 4))
+    np.testing.assert_array_equal(twin.forward(x), model.forward(x))
+    assert twin.backend is model.backend
+    twin.params["dense1.weight"] += 1.0
+    assert not np.array_equal(twin.params["dense1.weight"], model.params["dense1.weight"])
 
 
 def test_named_params_and_seeded_init():

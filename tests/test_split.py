@@ -1,6 +1,6 @@
-"""A large NumPy batch runs as slices of samples on parallel threads (gpucnn.ops.batch_parts
-and run_parts): the loss, the outputs and every gradient must equal the unsplit ones.
-(Slices in worker processes: test_workers.py.)"""
+"""A large NumPy batch runs, through the BatchSplit wrapper, as slices of samples on
+parallel threads (gpucnn.ops.batch_parts and run_parts): the loss, the outputs and every
+gradient must equal the unsplit ones. (Slices in worker processes: test_workers.py.)"""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 import gpucnn.ops as ops
 from gpucnn import (
+    BatchSplit,
     Conv2D,
     Dense,
     Flatten,
@@ -69,17 +70,15 @@ def build(head: str) -> Sequential:
 def test_split_batch_equals_unsplit(head, split_in_three, monkeypatch, rng):
     x = rng.standard_normal((13, 3, 9, 9))  # 13 = 4 + 4 + 5: unequal parts
     labels = rng.integers(0, 2 if head == "logistic" else 3, 13)
-    split, whole = build(head), build(head)
+    split, whole = BatchSplit(build(head)), build(head)
 
     loss_split = float(split.loss(x, labels))
     grads_split = {k: v.copy() for k, v in split.backward().items()}
-    assert [(p.start, p.stop) for p in split._parts] == [(0, 4), (4, 8), (8, 13)]
-    with monkeypatch.context() as patch:
-        patch.setattr(ops, "BATCH_THREADS", 1)
-        loss_whole = float(whole.loss(x, labels))
-        grads_whole = whole.backward()
-        assert len(whole._parts) == 1
-        forward_whole = whole.forward(x)
+    assert [(p.start, p.stop) for p in split.slices] == [(0, 4), (4, 8), (8, 13)]
+    # A plain model never splits: the whole batch runs in this thread.
+    loss_whole = float(whole.loss(x, labels))
+    grads_whole = whole.backward()
+    forward_whole = whole.forward(x)
 
     np.testing.assert_allclose(loss_split, loss_whole, rtol=1e-12)
     np.testing.assert_allclose(split.last_output, whole.last_output, rtol=1e-12, atol=1e-14)
@@ -87,32 +86,70 @@ def test_split_batch_equals_unsplit(head, split_in_three, monkeypatch, rng):
     assert set(grads_split) == set(grads_whole) == set(split.params)
     for key, value in grads_whole.items():
         np.testing.assert_allclose(grads_split[key], value, rtol=1e-10, atol=1e-14, err_msg=key)
-    # The layers' own gradients hold the whole batch's, not the first slice's.
-    for layer in split.layers:
+    # The model's own gradients, and its layers', hold the whole batch's, not the first
+    # slice's: after a step through the wrapper the model looks as after an unsplit one.
+    assert split.model.grads is split.grads
+    np.testing.assert_allclose(split.model.last_output, whole.last_output, rtol=1e-12)
+    for layer in split.model.layers:
         for key, value in layer.grads.items():
             expected = whole.layer(layer.name).grads[key]
             np.testing.assert_allclose(value, expected, rtol=1e-10, atol=1e-14)
 
 
+def test_a_plain_model_computes_the_whole_batch_in_this_thread(split_in_three, rng):
+    """The split lives above the model: Sequential alone never cuts a batch, never makes
+    a replica, never reaches a worker."""
+    model = build("softmax")
+    seen = []
+    first = model.layers[0]
+    original = first._forward
+
+    def spy(h):
+        seen.append((threading.current_thread() is threading.main_thread(), h.shape[-1]))
+        return original(h)
+
+    first._forward = spy
+    model.loss(rng.standard_normal((13, 3, 9, 9)), rng.integers(0, 3, 13))
+    model.backward()
+    assert seen == [(True, 13)]
+
+
 def train_split_and_whole(monkeypatch, rng, n: int, held_out: int, batch_size: int):
-    """Two equal models trained alike on random data, one with batches split as this
-    test's settings say, one whole; their weights must agree. Returns the split one."""
+    """Two equal models trained alike on random data, one through a BatchSplit as this
+    test's settings say, one whole; their weights must agree. Returns the BatchSplit and
+    the number of slices of each of its loss() calls."""
     x = rng.standard_normal((n, 3, 9, 9))
     y = rng.integers(0, 3, n)
     rest = (x[:held_out], y[:held_out])
     data = Dataset("random", x, y, *rest, *rest, num_classes=3)
-    split, whole = build("softmax"), build("softmax")
+    split, whole = BatchSplit(build("softmax")), build("softmax")
+    slice_counts = []  # per loss() of the split model
+    split_loss = split.loss
+
+    def counted_loss(*args, **kwargs):
+        value = split_loss(*args, **kwargs)
+        slice_counts.append(len(split.slices))
+        return value
+
+    split.loss = counted_loss
     fit(split, GradientAscent(0.1), data, epochs=2, batch_size=batch_size, progress=False)
-    with monkeypatch.context() as patch:
-        patch.setattr(ops, "BATCH_THREADS", 1)
-        fit(whole, GradientAscent(0.1), data, epochs=2, batch_size=batch_size, progress=False)
+    fit(
+        whole,
+        GradientAscent(0.1),
+        data,
+        epochs=2,
+        batch_size=batch_size,
+        progress=False,
+        split_batches=False,
+    )
     for key, value in whole.params.items():
         np.testing.assert_allclose(split.params[key], value, rtol=1e-9, atol=1e-12, err_msg=key)
-    return split
+    return split, slice_counts
 
 
 def test_split_training_matches_unsplit(split_in_three, monkeypatch, rng):
-    train_split_and_whole(monkeypatch, rng, n=40, held_out=5, batch_size=16)
+    _, slice_counts = train_split_and_whole(monkeypatch, rng, n=40, held_out=5, batch_size=16)
+    assert max(slice_counts) == 3  # full training batches of 16 went in three slices
 
 
 def test_fine_grained_pool_runs_inline_inside_a_part(split_in_three, monkeypatch, rng):
@@ -134,16 +171,14 @@ def test_fine_grained_pool_runs_inline_inside_a_part(split_in_three, monkeypatch
     monkeypatch.setattr(ops, "parallel_for", spy_parallel_for)
     x = rng.standard_normal((12, 3, 9, 9))
     labels = rng.integers(0, 3, 12)
-    split, whole = build("softmax"), build("softmax")
+    split, whole = BatchSplit(build("softmax")), build("softmax")
     split.loss(x, labels)
     grads = split.backward()
     assert any(reached_in_parts)  # the pool was asked for inside the slices...
     assert not any(calls_in_parts)  # ...and never used there
-    with monkeypatch.context() as patch:
-        patch.setattr(ops, "BATCH_THREADS", 1)
-        whole.loss(x, labels)
-        for key, value in whole.backward().items():
-            np.testing.assert_allclose(grads[key], value, rtol=1e-10, atol=1e-14)
+    whole.loss(x, labels)
+    for key, value in whole.backward().items():
+        np.testing.assert_allclose(grads[key], value, rtol=1e-10, atol=1e-14)
 
 
 def test_batch_parts_policy(monkeypatch):
@@ -223,6 +258,6 @@ def test_no_split_on_cupy(backend):
 
 
 def test_label_count_is_checked_for_the_whole_batch(split_in_three, rng):
-    model = build("softmax")
+    split = BatchSplit(build("softmax"))
     with pytest.raises(ValueError, match=r"labels have shape \(12,\), expected \(13,\)"):
-        model.loss(rng.standard_normal((13, 3, 9, 9)), rng.integers(0, 3, 12))
+        split.loss(rng.standard_normal((13, 3, 9, 9)), rng.integers(0, 3, 12))

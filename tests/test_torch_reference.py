@@ -12,6 +12,7 @@ F = torch.nn.functional
 
 from gpucnn import (  # noqa: E402
     AvgPool2D,
+    BatchSplit,
     Conv2D,
     Dense,
     Flatten,
@@ -121,8 +122,9 @@ def test_values_and_gradients_match_pytorch(name, backend, rng):
         labels = rng.integers(0, 2, n).astype(float)
     else:
         labels = rng.integers(0, model.output_shape[0], n)
-    loss = float(to_host(model.loss(x, labels)))
-    grads = {k: to_host(v) for k, v in model.backward().items()}
+    runner = BatchSplit(model)  # as fit computes it: a large batch in slices
+    loss = float(to_host(runner.loss(x, labels)))
+    grads = {k: to_host(v) for k, v in runner.backward().items()}
 
     params = {k: torch.tensor(to_host(v), requires_grad=True) for k, v in model.params.items()}
     out = torch_forward(model, torch.tensor(x), params)

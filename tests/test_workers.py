@@ -3,6 +3,7 @@ follow every update, and a clean way out when a worker is interrupted, fails or 
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 import gpucnn.ops as ops
-from gpucnn import workers
+from gpucnn import BatchSplit, workers
 from tests.test_split import build, train_split_and_whole
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
@@ -35,13 +36,10 @@ def two_parts(monkeypatch):
     workers.shutdown()
 
 
-def unsplit(monkeypatch, model, x, labels):
-    """(loss, grads, head input) of ``model`` on the whole batch in one piece."""
-    with monkeypatch.context() as patch:
-        patch.setattr(ops, "BATCH_THREADS", 1)
-        loss = float(model.loss(x, labels))
-        grads = {k: v.copy() for k, v in model.backward().items()}
-        assert len(model._parts) == 1 and model._worker_parts == 0
+def unsplit(model, x, labels):
+    """(loss, grads, head input) of ``model`` (a plain Sequential) on the whole batch."""
+    loss = float(model.loss(x, labels))
+    grads = {k: v.copy() for k, v in model.backward().items()}
     return loss, grads, model.last_output.copy()
 
 
@@ -59,9 +57,9 @@ def after_one_step(rng):
     unsplit reference, and the worker."""
     x = rng.standard_normal((64, 3, 9, 9))
     labels = rng.integers(0, 3, 64)
-    split, whole = build("softmax"), build("softmax")
+    split, whole = BatchSplit(build("softmax")), build("softmax")
     step(split, x, labels)
-    (worker,) = workers.running(split._worker_parts)
+    (worker,) = workers.running(split.remote_slices)
     return x, labels, split, whole, worker
 
 
@@ -75,21 +73,21 @@ def step(model, x, labels):
 def test_worker_slices_equal_the_unsplit_batch(head, two_parts, monkeypatch, rng):
     x = rng.standard_normal((71, 3, 9, 9))  # 38 here (1/16 more than half), 33 there
     labels = rng.integers(0, 2 if head == "logistic" else 3, 71)
-    split, whole = build(head), build(head)
+    split, whole = BatchSplit(build(head)), build(head)
     result = step(split, x, labels)
-    assert [(p.start, p.stop) for p in split._parts] == [(0, 38), (38, 71)]
-    assert split._worker_parts == 1
-    assert_same(result, unsplit(monkeypatch, whole, x, labels))
-    # The layers' own gradients hold the whole batch's.
-    for layer in split.layers:
+    assert [(p.start, p.stop) for p in split.slices] == [(0, 38), (38, 71)]
+    assert split.remote_slices == 1
+    assert_same(result, unsplit(whole, x, labels))
+    # The model's layers' own gradients hold the whole batch's.
+    for layer in split.model.layers:
         for key, value in layer.grads.items():
             np.testing.assert_allclose(value, whole.layer(layer.name).grads[key], rtol=1e-10)
 
 
 def test_training_with_workers_matches_unsplit(two_parts, monkeypatch, rng):
     """Every step's parameters reach the worker: after training, the weights agree."""
-    split = train_split_and_whole(monkeypatch, rng, n=200, held_out=70, batch_size=100)
-    assert split._worker_parts == 1  # the last loss (the held-out 70) went to a worker too
+    split, _ = train_split_and_whole(monkeypatch, rng, n=200, held_out=70, batch_size=100)
+    assert split.remote_slices == 1  # the last loss (the held-out 70) went to a worker too
 
 
 def test_forward_only_calls_between_steps_stay_exact(two_parts, monkeypatch, rng):
@@ -97,56 +95,59 @@ def test_forward_only_calls_between_steps_stay_exact(two_parts, monkeypatch, rng
     forwards come without backward (evaluation); either way backward is right."""
     x = rng.standard_normal((64, 3, 9, 9))
     labels = rng.integers(0, 3, 64)
-    split, whole = build("softmax"), build("softmax")
+    split, whole = BatchSplit(build("softmax")), build("softmax")
     step(split, x, labels)
     for _ in range(3):  # evaluation-like: loss only
         split.loss(x[::-1].copy(), labels[::-1].copy())
     result = step(split, x, labels)
-    assert_same(result, unsplit(monkeypatch, whole, x, labels))
+    assert_same(result, unsplit(whole, x, labels))
 
 
 def test_two_models_share_a_worker(two_parts, monkeypatch, rng):
     x = rng.standard_normal((64, 3, 9, 9))
     labels = rng.integers(0, 3, 64)
-    first, second = build("softmax"), build("softmax")
-    second.set_params({k: v * 1.5 for k, v in second.params.items()})
+    first, second = BatchSplit(build("softmax")), BatchSplit(build("softmax"))
+    second.model.set_params({k: v * 1.5 for k, v in second.params.items()})
     first.loss(x, labels)
     second_result = step(second, x, labels)
     first_grads = first.backward()  # after the other model's step on the same worker
-    assert first._worker_parts == second._worker_parts == 1 and len(workers._POOL) == 1
+    assert first.remote_slices == second.remote_slices == 1 and len(workers._POOL) == 1
     reference = build("softmax")
     assert_same(
         (float(first.loss(x, labels)), first_grads, first.last_output),
-        unsplit(monkeypatch, reference, x, labels),
+        unsplit(reference, x, labels),
     )
     reference.set_params({k: v * 1.5 for k, v in reference.params.items()})
-    assert_same(second_result, unsplit(monkeypatch, reference, x, labels))
+    assert_same(second_result, unsplit(reference, x, labels))
 
 
-def test_a_model_copy_gets_its_own_slot(two_parts, monkeypatch, rng):
+def test_a_copy_gets_its_own_slot(two_parts, rng):
+    """A deep copy of a BatchSplit carries the original's slot key in its __dict__ but
+    holds another model: it must not be served the original's copy in the worker."""
     x = rng.standard_normal((64, 3, 9, 9))
     labels = rng.integers(0, 3, 64)
-    original = build("softmax")
+    original = BatchSplit(build("softmax"))
     step(original, x, labels)
-    twin = build("softmax")
-    twin.__dict__["_worker_key"] = original.__dict__["_worker_key"]  # as a copy carries it
-    twin.set_params({k: v * 1.5 for k, v in original.params.items()})
+    twin = copy.deepcopy(original)
+    assert twin.__dict__["_worker_key"] == original.__dict__["_worker_key"]
+    twin.model.set_params({k: v * 1.5 for k, v in original.params.items()})
     original_loss = float(original.loss(x, labels))
     twin_result = step(twin, x, labels)
     original_result = (original_loss, original.backward(), original.last_output)
+    assert twin.remote_slices == original.remote_slices == 1
     reference = build("softmax")
-    assert_same(original_result, unsplit(monkeypatch, reference, x, labels))
+    assert_same(original_result, unsplit(reference, x, labels))
     reference.set_params({k: v * 1.5 for k, v in reference.params.items()})
-    assert_same(twin_result, unsplit(monkeypatch, reference, x, labels))
+    assert_same(twin_result, unsplit(reference, x, labels))
 
 
 def test_backward_after_the_worker_dropped_the_model_says_what_to_do(two_parts, rng):
     x = rng.standard_normal((64, 3, 9, 9))
     labels = rng.integers(0, 3, 64)
-    first = build("softmax")
+    first = BatchSplit(build("softmax"))
     first.loss(x, labels)
     for _ in range(workers.MODELS_PER_WORKER):  # each takes the worker's least recent slot
-        build("softmax").loss(x, labels)
+        BatchSplit(build("softmax")).loss(x, labels)
     with pytest.raises(RuntimeError, match="no longer holds this model's slice"):
         first.backward()
     step(first, x, labels)  # a new loss() puts it back
@@ -156,16 +157,16 @@ def test_backward_after_the_worker_dropped_the_model_says_what_to_do(two_parts, 
 def test_a_reply_left_unread_is_dropped_before_the_next_request(two_parts, monkeypatch, rng):
     """As after Ctrl-C between sending a slice and reading its answer."""
     x, labels, split, whole, worker = after_one_step(rng)
-    workers.send_forward(worker, split, x[32:] * 2, labels[32:])  # never read
+    workers.send_forward(worker, split, split.model, x[32:] * 2, labels[32:])  # never read
     assert worker.unread == 1
-    assert_same(step(split, x, labels), unsplit(monkeypatch, whole, x, labels))
+    assert_same(step(split, x, labels), unsplit(whole, x, labels))
     assert worker.unread == 0
 
 
 def test_an_error_in_a_worker_is_raised_here_with_its_message(two_parts, rng):
-    split = build("softmax")
+    split = BatchSplit(build("softmax"))
     split.loss(rng.standard_normal((64, 3, 9, 9)), rng.integers(0, 3, 64))
-    (worker,) = workers.running(split._worker_parts)
+    (worker,) = workers.running(split.remote_slices)
     worker.send(("no-such-request", "key", None, worker.inputs.size, None, 0, None))
     with pytest.raises(workers.WorkerError, match="unknown request 'no-such-request'"):
         worker.receive()
@@ -177,26 +178,26 @@ def test_a_dead_worker_hands_over_to_threads(two_parts, monkeypatch, rng):
     worker.process.wait()
     with pytest.warns(RuntimeWarning, match=r"worker process \d+ exited with code -9"):
         result = step(split, x, labels)
-    assert split._worker_parts == 0 and not workers.usable()
-    assert [(p.start, p.stop) for p in split._parts] == [(0, 64)]  # threads need 2 x 64
-    assert_same(result, unsplit(monkeypatch, whole, x, labels))
+    assert split.remote_slices == 0 and not workers.usable()
+    assert [(p.start, p.stop) for p in split.slices] == [(0, 64)]  # threads need 2 x 64
+    assert_same(result, unsplit(whole, x, labels))
 
 
 def test_a_worker_that_cannot_start_hands_over_to_threads(two_parts, monkeypatch, rng):
     monkeypatch.setattr(workers, "_CHILD_MAIN", "import sys; sys.exit(3)")
     x = rng.standard_normal((64, 3, 9, 9))
     labels = rng.integers(0, 3, 64)
-    split, whole = build("softmax"), build("softmax")
+    split, whole = BatchSplit(build("softmax")), build("softmax")
     with pytest.warns(RuntimeWarning, match=r"could not start a worker process: .*code 3"):
         result = step(split, x, labels)
-    assert split._worker_parts == 0 and workers._POOL == [] and not workers.usable()
-    assert_same(result, unsplit(monkeypatch, whole, x, labels))
+    assert split.remote_slices == 0 and workers._POOL == [] and not workers.usable()
+    assert_same(result, unsplit(whole, x, labels))
 
 
 def test_a_worker_that_dies_between_forward_and_backward_is_an_error(two_parts, rng):
-    split = build("softmax")
+    split = BatchSplit(build("softmax"))
     split.loss(rng.standard_normal((64, 3, 9, 9)), rng.integers(0, 3, 64))
-    (worker,) = workers.running(split._worker_parts)
+    (worker,) = workers.running(split.remote_slices)
     os.kill(worker.process.pid, signal.SIGKILL)
     worker.process.wait()
     with (
@@ -221,14 +222,14 @@ def run_script(code: str, **env: str) -> subprocess.CompletedProcess:
 SCRIPT = """
     # No `if __name__ == "__main__"` guard: workers must not run this script again.
     import numpy as np
-    from gpucnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
+    from gpucnn import BatchSplit, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
     from gpucnn import SoftmaxCrossEntropy, workers
-    model = Sequential([Conv2D(4, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(3)],
-                       SoftmaxCrossEntropy(), (1, 8, 8), seed=0)
+    model = BatchSplit(Sequential([Conv2D(4, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(3)],
+                                  SoftmaxCrossEntropy(), (1, 8, 8), seed=0))
     rng = np.random.default_rng(0)
     model.loss(rng.random((128, 1, 8, 8)), rng.integers(0, 3, 128))
     model.backward()
-    helpers = workers.running(model._worker_parts)
+    helpers = workers.running(model.remote_slices)
     print("workers", *(w.process.pid for w in helpers))
 """
 

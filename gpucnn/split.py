@@ -1,0 +1,205 @@
+"""One batch over several threads or worker processes, wrapping a model from above.
+
+A :class:`~gpucnn.model.Sequential` computes a whole batch in the calling process. On
+NumPy a large batch goes faster in contiguous slices of samples computed in parallel:
+:class:`BatchSplit` wraps a model, offers the same ``loss``/``backward``/``forward``/
+``params`` interface, and sends slices 1..K-1 of a training step to worker processes
+(:mod:`gpucnn.workers`), which scale better than threads because they share no GIL, or
+runs each slice in its own thread where workers cannot run. The model never knows: a
+slice in a thread runs on a :meth:`~gpucnn.model.Sequential.replica` that shares the
+parameters, a worker holds its own copy and gets the current parameters with each
+slice. The loss and gradients are the slices' values weighted by their share of the
+batch, equal to the unsplit ones up to float rounding.
+
+``fit`` and ``evaluate`` wrap their model so by default; a library user gets the same in
+one line::
+
+    step = BatchSplit(model)
+    loss = step.loss(x, y)
+    optimizer.step(step.params, step.backward())
+
+On CuPy, for small batches, inside a slice already, or where BLAS cannot be held to its
+share of the cores, there is one slice and the wrapper is the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gpucnn import workers
+from gpucnn.backend import Array
+from gpucnn.model import Sequential
+from gpucnn.ops import MIN_PROCESS_PART_SAMPLES, batch_parts, run_parts, run_parts_remote
+
+
+class BatchSplit:
+    """``model`` with each batch computed in slices, in parallel, where that pays.
+
+    ``loss``, ``backward``, ``forward``, ``params``, ``grads`` and ``last_output`` mean
+    what they mean on the model. After ``backward`` the model's own ``grads`` and its
+    layers' ``grads`` hold the whole batch's gradients, as after an unsplit step.
+    """
+
+    def __init__(self, model: Sequential) -> None:
+        self.model = model
+        self.grads: dict[str, Array] = {}
+        self.last_output: Array | None = None
+        self.slices: list[slice] = []  # of the last loss()
+        self.remote_slices = 0  # how many of them went to worker processes
+        self._replicas: list[Sequential] = []  # slices 1..K-1 in threads
+        self._penalized = False
+        self._loss_ready = False
+
+    @property
+    def params(self) -> dict[str, Array]:
+        """The model's live parameters (optimizers update them in place)."""
+        return self.model.params
+
+    # -- how a batch is cut ----------------------------------------------------------
+    def _slices_in_workers(self, n: int) -> tuple[list[slice], list[workers.Worker] | None]:
+        """The slices for ``n`` samples and a worker process for each but the first, or
+        (thread slices, None) where workers cannot take them."""
+        if workers.usable():  # batch_parts gives CuPy arrays one slice: no workers
+            slices = batch_parts(self.model.backend.xp, n, MIN_PROCESS_PART_SAMPLES, workers.LEAD)
+            helpers = workers.pool(len(slices) - 1) if len(slices) > 1 else None
+            if helpers is not None:
+                return slices, helpers
+        return self._slices_in_threads(n), None
+
+    def _slices_in_threads(self, n: int) -> list[slice]:
+        """The slices for ``n`` samples, with a replica of the model ready for each but
+        the first (made here, on the calling thread, never inside a slice)."""
+        slices = batch_parts(self.model.backend.xp, n)
+        while len(self._replicas) < len(slices) - 1:
+            self._replicas.append(self.model.replica())
+        return slices
+
+    def _part(self, k: int) -> Sequential:
+        """The model that computes slice k: the model itself for k = 0, else a replica."""
+        return self.model if k == 0 else self._replicas[k - 1]
+
+    # -- computation -----------------------------------------------------------------
+    def forward(self, x: Any) -> Array:
+        """The head's input for a batch, computed in thread slices."""
+        x = self.model.prepare_input(x)
+        slices = self._slices_in_threads(x.shape[0])
+        outs = run_parts(slices, lambda k, part: self._part(k).forward(x[part]))
+        return outs[0] if len(outs) == 1 else self.model.backend.xp.concatenate(outs)
+
+    def predict_proba(self, x: Any) -> Array:
+        return self.model.head.predict_proba(self.forward(x))
+
+    def predict(self, x: Any) -> Array:
+        return self.model.head.predict(self.forward(x))
+
+    def loss(self, x: Any, labels: Any, penalty: bool = True) -> Array:
+        """The model's :meth:`~gpucnn.model.Sequential.loss`, computed in slices."""
+        model = self.model
+        x = model.prepare_input(x)
+        labels = model.prepare_labels(labels, x.shape[0])  # checked whole, before any split
+        slices, helpers = self._slices_in_workers(x.shape[0])
+
+        def forward_part(k: int, part: slice) -> tuple[Array, Array]:
+            replica = self._part(k)
+            value = replica.data_loss(x[part], labels[part])
+            return replica.last_output, value
+
+        self.remote_slices, results = 0, None
+        if helpers is not None:
+            try:
+                results = self._forward_in_workers(helpers, slices, forward_part, x, labels)
+                self.remote_slices = len(helpers)
+            except workers.WorkerError as err:  # a worker died: threads take over
+                workers.disable(str(err))
+                slices = self._slices_in_threads(x.shape[0])
+        if results is None:
+            results = run_parts(slices, forward_part)
+        self.slices = slices
+        if len(results) == 1:
+            self.last_output, value = results[0]
+        else:
+            self.last_output = model.backend.xp.concatenate([net for net, _ in results])
+            weights = slice_weights(slices)
+            value = sum(w * part_loss for w, (_, part_loss) in zip(weights, results, strict=True))
+        model.last_output = self.last_output
+        self._penalized = bool(penalty and model.l2)
+        if self._penalized:
+            value = value + model.penalty()
+        self._loss_ready = True
+        return value
+
+    def backward(self) -> dict[str, Array]:
+        """Backpropagate the last :meth:`loss`; fills and returns ``grads`` by name."""
+        if not self._loss_ready:
+            raise RuntimeError("call loss(x, labels) before backward()")
+        model = self.model
+
+        def backward_part(k: int, part: slice) -> list[dict[str, Array]]:
+            replica = self._part(k)
+            replica.backward()
+            return [layer.grads for layer in replica.layers]
+
+        if self.remote_slices:
+            results = self._backward_in_workers(workers.running(self.remote_slices), backward_part)
+        else:
+            results = run_parts(self.slices, backward_part)
+        if len(results) > 1:  # weighted sum into the model's own layers
+            weights = slice_weights(self.slices)
+            for i, layer in enumerate(model.layers):
+                for key in layer.grads:
+                    layer.grads[key] = sum(
+                        w * part[i][key] for w, part in zip(weights, results, strict=True)
+                    )
+        grads = {f"{layer.name}.{k}": v for layer in model.layers for k, v in layer.grads.items()}
+        if self._penalized:
+            for key, value in model.penalty_gradients().items():
+                grads[key] = grads[key] + value
+        self.grads = model.grads = grads
+        self._loss_ready = False
+        return grads
+
+    # -- worker processes ------------------------------------------------------------
+    def _forward_in_workers(
+        self,
+        helpers: list[workers.Worker],
+        slices: list[slice],
+        forward_part: Callable[[int, slice], tuple[Array, Array]],
+        x: Array,
+        labels: Array,
+    ) -> list[tuple[Array, Array]]:
+        model = self.model
+
+        def send(k: int, part: slice) -> None:
+            workers.send_forward(helpers[k - 1], self, model, x[part], labels[part])
+
+        def receive(k: int) -> tuple[Array, Array]:
+            net, value = helpers[k - 1].receive()
+            return net, model.backend.xp.asarray(value, dtype=model.dtype)
+
+        return run_parts_remote(slices, forward_part, send, receive)
+
+    def _backward_in_workers(
+        self,
+        helpers: list[workers.Worker],
+        backward_part: Callable[[int, slice], list[dict[str, Array]]],
+    ) -> list[list[dict[str, Array]]]:
+        layers = self.model.layers
+
+        def send(k: int, part: slice) -> None:
+            workers.send_backward(helpers[k - 1], self)
+
+        def receive(k: int) -> list[dict[str, Array]]:
+            grads = workers.receive_backward(helpers[k - 1], self)  # views: summed above
+            return [{key: grads[f"{layer.name}.{key}"] for key in layer.params} for layer in layers]
+
+        try:
+            return run_parts_remote(self.slices, backward_part, send, receive)
+        except workers.WorkerError as err:  # its slice's forward state is gone with it
+            workers.disable(str(err))
+            raise
+
+
+def slice_weights(slices: list[slice]) -> list[float]:
+    """Each slice's share of the batch (the slices run from 0 to the batch size)."""
+    return [(part.stop - part.start) / slices[-1].stop for part in slices]
