@@ -50,7 +50,7 @@ from gpucnn import (  # noqa: E402
     Sequential,
     SoftmaxCrossEntropy,
 )
-from gpucnn.backend import cupy_status, get_backend  # noqa: E402
+from gpucnn.array.backend import cupy_status, get_backend  # noqa: E402
 
 
 @dataclass(frozen=True)

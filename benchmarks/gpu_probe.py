@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import NETS, gpucnn_engine  # noqa: E402
 
-from gpucnn.backend import cupy_status  # noqa: E402
+from gpucnn.array.backend import cupy_status  # noqa: E402
 
 cupy, _unavailable = cupy_status()
 if cupy is None:

@@ -12,11 +12,11 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from PIL import Image, ImageDraw
 
-from gpucnn.backend import to_host
+from gpucnn.array.backend import to_host
 from gpucnn.config import plain
 from gpucnn.data import seed_patterns
+from gpucnn.fit import fit
 from gpucnn.train import CONF_DIR, prepare
-from gpucnn.training import fit
 
 OUT = Path(__file__).resolve().parent / "img"
 

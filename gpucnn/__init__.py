@@ -1,11 +1,11 @@
 """gpucnn: a convolutional neural network engine from first principles.
 
 The same conv / pool / backprop code runs on NumPy (CPU) and CuPy (GPU); only
-:mod:`gpucnn.backend` knows which.
+:mod:`gpucnn.array.backend` knows which.
 """
 
-from gpucnn.backend import Backend, BackendUnavailableError, get_backend, to_host, to_scalar
-from gpucnn.layers import (
+from gpucnn.array.backend import Backend, BackendUnavailableError, get_backend, to_host, to_scalar
+from gpucnn.nn.layers import (
     AvgPool2D,
     Conv2D,
     Dense,
@@ -17,10 +17,10 @@ from gpucnn.layers import (
     ReLU,
     Tanh,
 )
-from gpucnn.losses import LogisticLogLikelihood, SoftmaxCrossEntropy
-from gpucnn.model import Sequential, load_checkpoint, save_checkpoint
-from gpucnn.optim import Adam, GradientAscent, Momentum, make_optimizer
-from gpucnn.split import BatchSplit
+from gpucnn.nn.losses import LogisticLogLikelihood, SoftmaxCrossEntropy
+from gpucnn.nn.model import Sequential, load_checkpoint, save_checkpoint
+from gpucnn.nn.optim import Adam, GradientAscent, Momentum, make_optimizer
+from gpucnn.parallel.split import BatchSplit
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,12 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from gpucnn.tracking import PARENT_RUN_ENV, PARENT_RUN_FILE, ensure_experiment, resolve_store
+from gpucnn.tracking.mlflow_store import (
+    PARENT_RUN_ENV,
+    PARENT_RUN_FILE,
+    ensure_experiment,
+    resolve_store,
+)
 
 
 class MlflowSweepCallback(Callback):

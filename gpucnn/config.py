@@ -17,10 +17,10 @@ from typing import Any, get_args, get_origin, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from gpucnn.layers import Conv2D, Dense, Flatten, Layer, Logistic, Pool2D, ReLU, Tanh
-from gpucnn.losses import head_from_config
-from gpucnn.model import Sequential
-from gpucnn.optim import Adam, GradientAscent, Momentum, Optimizer
+from gpucnn.nn.layers import Conv2D, Dense, Flatten, Layer, Logistic, Pool2D, ReLU, Tanh
+from gpucnn.nn.losses import head_from_config
+from gpucnn.nn.model import Sequential
+from gpucnn.nn.optim import Adam, GradientAscent, Momentum, Optimizer
 
 
 class BackendName(Enum):

@@ -17,11 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gpucnn.backend import BackendUnavailableError, get_backend
+from gpucnn.array.backend import BackendUnavailableError, get_backend
 from gpucnn.data import DataError
-from gpucnn.model import load_checkpoint
-from gpucnn.tracking import resolve_store
-from gpucnn.training import evaluate
+from gpucnn.fit import evaluate
+from gpucnn.nn.model import load_checkpoint
+from gpucnn.tracking.mlflow_store import resolve_store
 
 SPLITS = ("train", "val", "test")
 

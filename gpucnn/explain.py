@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from gpucnn.backend import get_backend
-from gpucnn.layers import Conv2D, Dense, Flatten, Pool2D
-from gpucnn.losses import LogisticLogLikelihood
-from gpucnn.model import Sequential
+from gpucnn.array.backend import get_backend
+from gpucnn.nn.layers import Conv2D, Dense, Flatten, Pool2D
+from gpucnn.nn.losses import LogisticLogLikelihood
+from gpucnn.nn.model import Sequential
 
 LECTURE_IMAGE = np.arange(1, 65, dtype=np.float64).reshape(8, 8)
 LECTURE_KERNEL = np.arange(1, 10, dtype=np.float64).reshape(3, 3)

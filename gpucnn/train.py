@@ -22,7 +22,7 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gpucnn.backend import BackendUnavailableError, get_backend, to_host
+from gpucnn.array.backend import BackendUnavailableError, get_backend, to_host
 from gpucnn.config import (
     build_model,
     build_optimizer,
@@ -31,8 +31,9 @@ from gpucnn.config import (
     register_configs,
 )
 from gpucnn.data import DataError, Dataset, load_dataset
-from gpucnn.model import save_checkpoint
-from gpucnn.tracking import (
+from gpucnn.fit import DivergedError, check_trainer_settings, fit
+from gpucnn.nn.model import save_checkpoint
+from gpucnn.tracking.mlflow_store import (
     PARENT_RUN_ENV,
     PARENT_RUN_FILE,
     MlflowTracker,
@@ -45,7 +46,6 @@ from gpucnn.tracking import (
     sticky_interrupts,
     ui_command,
 )
-from gpucnn.training import DivergedError, check_trainer_settings, fit
 
 # The package's conf/ (a symlink to the top-level conf/ in a checkout; real files in an
 # installed wheel). Not resolved, so the path stays inside the package either way.
@@ -120,7 +120,7 @@ def run(cfg: DictConfig) -> float:
     mlflow.set_tracking_uri(uri)
     experiment_id = ensure_experiment(config["tracking"]["experiment"], artifacts)
     tags = {
-        "gpucnn.backend": backend.name,
+        "gpucnn.array.backend": backend.name,
         "gpucnn.device": backend.device_name(),
         "gpucnn.overrides": " ".join(hydra_cfg.overrides.task),
     }

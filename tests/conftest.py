@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpucnn.backend import cupy_status, get_backend
+from gpucnn.array.backend import cupy_status, get_backend
 
 
 @pytest.fixture(params=["numpy", "cupy"])

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from gpucnn.backend import to_host
+from gpucnn.array.backend import to_host
 
 
 def numerical_gradient(f: Callable[[], float], array, eps: float = 1e-6) -> np.ndarray:

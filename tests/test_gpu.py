@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from gpucnn import Adam, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, SoftmaxCrossEntropy
-from gpucnn.backend import cupy_status, get_backend, to_host
-from gpucnn.layers import L2Pool2D, Tanh
-from gpucnn.losses import LogisticLogLikelihood
-from gpucnn.optim import GradientAscent, Momentum
+from gpucnn.array.backend import cupy_status, get_backend, to_host
+from gpucnn.nn.layers import L2Pool2D, Tanh
+from gpucnn.nn.losses import LogisticLogLikelihood
+from gpucnn.nn.optim import GradientAscent, Momentum
 
 cupy, reason = cupy_status()
 pytestmark = pytest.mark.skipif(cupy is None, reason=f"needs a CUDA device: {reason}")

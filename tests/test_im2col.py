@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from gpucnn.backend import to_host
-from gpucnn.im2col import col2im, im2col, internal_to_nchw, nchw_to_internal
+from gpucnn.array.backend import to_host
+from gpucnn.array.im2col import col2im, im2col, internal_to_nchw, nchw_to_internal
 
 CASES = [
     ((2, 5, 6, 3), 3, 2, 1, 1),

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from gpucnn.backend import to_host
-from gpucnn.layers import (
+from gpucnn.array.backend import to_host
+from gpucnn.nn.layers import (
     Conv2D,
     Dense,
     Flatten,
@@ -120,7 +120,7 @@ def test_conv_gradients(case, backend, rng):
 
 def test_true_convolution_matches_scipy(rng):
     signal = pytest.importorskip("scipy.signal")
-    from gpucnn.backend import get_backend
+    from gpucnn.array.backend import get_backend
 
     backend = get_backend("numpy")
     x = rng.standard_normal((1, 1, 9, 7))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from gpucnn import Conv2D, Dense, Flatten, LogisticLogLikelihood, MaxPool2D, Sequential
-from gpucnn.backend import to_host
-from gpucnn.im2col import nchw_to_internal
-from gpucnn.layers import Pool2D
+from gpucnn.array.backend import to_host
+from gpucnn.array.im2col import nchw_to_internal
+from gpucnn.nn.layers import Pool2D
 from tests.gradcheck import numerical_gradient
 
 X8 = np.arange(1, 65, dtype=np.float64).reshape(8, 8)
@@ -172,7 +172,7 @@ def test_pool_output_size_formula():
         (20, 1, 1, 20),
     ]:
         pool = Pool2D("max", q, s)
-        from gpucnn.backend import get_backend
+        from gpucnn.array.backend import get_backend
 
         backend = get_backend("numpy")
         assert pool.build((1, d, d), backend, backend.random(0), "float64") == (

@@ -25,8 +25,8 @@ from gpucnn import (
     Tanh,
     load_checkpoint,
 )
-from gpucnn.backend import get_backend, to_host
-from gpucnn.layers import AvgPool2D, Logistic
+from gpucnn.array.backend import get_backend, to_host
+from gpucnn.nn.layers import AvgPool2D, Logistic
 from tests.gradcheck import assert_close, numerical_gradient
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import gpucnn.ops as ops
-from gpucnn.im2col import col2im, im2col, matmul_nt
+import gpucnn.array.pooling as ops
+from gpucnn.array.im2col import col2im, im2col, matmul_nt
 from tests.conftest import tie_free
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpucnn.backend import to_host
-from gpucnn.optim import Adam, GradientAscent, Momentum, make_optimizer
+from gpucnn.array.backend import to_host
+from gpucnn.nn.optim import Adam, GradientAscent, Momentum, make_optimizer
 
 
 def run(optimizer, backend, grads_per_step, start):

@@ -1,5 +1,5 @@
 """A large NumPy batch runs, through the BatchSplit wrapper, as slices of samples on
-parallel threads (gpucnn.ops.batch_parts and run_parts): the loss, the outputs and every
+parallel threads (gpucnn.array.pooling.batch_parts and run_parts): the loss, the outputs and every
 gradient must equal the unsplit ones. (Slices in worker processes: test_workers.py.)"""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-import gpucnn.ops as ops
+import gpucnn.array.pooling as ops
 from gpucnn import (
     BatchSplit,
     Conv2D,
@@ -24,11 +24,11 @@ from gpucnn import (
     Sequential,
     SoftmaxCrossEntropy,
     Tanh,
-    workers,
 )
 from gpucnn.data import Dataset
-from gpucnn.layers import AvgPool2D
-from gpucnn.training import fit
+from gpucnn.fit import fit
+from gpucnn.nn.layers import AvgPool2D
+from gpucnn.parallel import workers
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 

@@ -24,8 +24,8 @@ from gpucnn import (  # noqa: E402
     SoftmaxCrossEntropy,
     Tanh,
 )
-from gpucnn.backend import to_host  # noqa: E402
-from gpucnn.ops import MIN_PART_SAMPLES  # noqa: E402
+from gpucnn.array.backend import to_host  # noqa: E402
+from gpucnn.array.pooling import MIN_PART_SAMPLES  # noqa: E402
 
 
 def torch_forward(model, x, params):

@@ -80,7 +80,7 @@ def test_run_logs_everything(digits_run):
     sizes = {k: int(params[f"data.{k}_size"]) for k in ("train", "val", "test")}
     assert sum(sizes.values()) == 1797
     tags = run.data.tags
-    assert tags["gpucnn.backend"] == "numpy" and tags["gpucnn.device"].startswith("CPU")
+    assert tags["gpucnn.array.backend"] == "numpy" and tags["gpucnn.device"].startswith("CPU")
     steps_per_epoch = -(-sizes["train"] // 64)
     history = {
         key: client.get_metric_history(run.info.run_id, key)
@@ -436,7 +436,7 @@ def test_unreachable_tracking_server_fails_fast_in_one_line(tmp_path):
 
 
 def test_a_server_that_answers_passes_the_check_and_gets_its_own_ui_hint():
-    from gpucnn.tracking import check_server, ui_command  # noqa: PLC0415
+    from gpucnn.tracking.mlflow_store import check_server, ui_command  # noqa: PLC0415
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the stdlib's name
@@ -490,7 +490,7 @@ def test_diverging_run_fails_with_one_line(tmp_path):
 
 
 def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends():
-    from gpucnn.tracking import deferred_interrupt, raise_if_interrupted  # noqa: PLC0415
+    from gpucnn.tracking.mlflow_store import deferred_interrupt, raise_if_interrupted  # noqa: PLC0415
 
     before = signal.getsignal(signal.SIGINT)
     finished = []
@@ -506,7 +506,7 @@ def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends():
 
 def test_ctrl_c_never_cuts_a_store_write_in_half(tmp_path, monkeypatch):
     """A Ctrl-C that arrives inside log_batch lets the write finish, then interrupts."""
-    from gpucnn.tracking import MlflowTracker  # noqa: PLC0415
+    from gpucnn.tracking.mlflow_store import MlflowTracker  # noqa: PLC0415
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracker = MlflowTracker("no-run")

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from gpucnn import Adam, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, SoftmaxCrossEntropy
-from gpucnn.backend import to_host
+from gpucnn.array.backend import to_host
 from gpucnn.data import load_dataset
-from gpucnn.layers import Pool2D
-from gpucnn.losses import LogisticLogLikelihood
-from gpucnn.optim import GradientAscent
-from gpucnn.tracking import Tracker, kernel_grid, sticky_interrupts
-from gpucnn.training import DivergedError, check_trainer_settings, evaluate, fit
+from gpucnn.fit import DivergedError, check_trainer_settings, evaluate, fit
+from gpucnn.nn.layers import Pool2D
+from gpucnn.nn.losses import LogisticLogLikelihood
+from gpucnn.nn.optim import GradientAscent
+from gpucnn.tracking.mlflow_store import Tracker, kernel_grid, sticky_interrupts
 
 
 class Recorder(Tracker):

@@ -1,4 +1,4 @@
-"""Batch slices in worker processes (gpucnn.workers): exact results, parameters that
+"""Batch slices in worker processes (gpucnn.parallel.workers): exact results, parameters that
 follow every update, and a clean way out when a worker is interrupted, fails or dies."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gpucnn.ops as ops
-from gpucnn import BatchSplit, workers
+import gpucnn.array.pooling as ops
+from gpucnn import BatchSplit
+from gpucnn.parallel import workers
 from tests.test_split import build, train_split_and_whole
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
@@ -223,7 +224,8 @@ SCRIPT = """
     # No `if __name__ == "__main__"` guard: workers must not run this script again.
     import numpy as np
     from gpucnn import BatchSplit, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
-    from gpucnn import SoftmaxCrossEntropy, workers
+    from gpucnn import SoftmaxCrossEntropy
+    from gpucnn.parallel import workers
     model = BatchSplit(Sequential([Conv2D(4, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(3)],
                                   SoftmaxCrossEntropy(), (1, 8, 8), seed=0))
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""The main loop of a worker process (started by :mod:`gpucnn.workers`): it holds a copy
+"""The main loop of a worker process (started by :mod:`gpucnn.parallel.workers`): it holds a copy
 of each model whose batch slices it computes, rebuilt from the model's config, and
 answers forward and backward requests for them."""
 
@@ -9,8 +9,8 @@ from collections import OrderedDict
 from multiprocessing.connection import Connection
 from typing import Any
 
-from gpucnn.model import Sequential
-from gpucnn.workers import MODELS_PER_WORKER, SharedFile, Spec
+from gpucnn.nn.model import Sequential
+from gpucnn.parallel.workers import MODELS_PER_WORKER, SharedFile, Spec
 
 
 def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:

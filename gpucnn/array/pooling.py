@@ -15,7 +15,7 @@ is 4, which made a LeNet step at batch 256 15% faster on a 16-core host.
 
 A larger batch is split coarser: :func:`batch_parts` cuts it into contiguous slices of
 samples. A training step sends slices 1..K-1 to worker processes
-(:func:`run_parts_remote`, with :mod:`gpucnn.workers`), which scale better than threads
+(:func:`run_parts_remote`, with :mod:`gpucnn.parallel.workers`), which scale better than threads
 because they share no GIL; :func:`run_parts` runs each slice's whole forward or backward
 pass in its own thread instead, where workers cannot run (the model keeps a clone of its
 layers per slice). OpenBLAS is limited to its
@@ -36,15 +36,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
-from gpucnn import cuda_kernels
-from gpucnn.backend import Array, array_module, is_gpu
+from gpucnn.array import cuda_kernels
+from gpucnn.array.backend import Array, array_module, is_gpu
 
 CPUS = os.cpu_count() or 1
 THREADS = max(1, int(os.environ.get("GPUCNN_THREADS", 1 if CPUS <= 2 else 4)))
 PARALLEL_MIN_ELEMENTS = 1 << 16
 BATCH_THREADS = max(1, int(os.environ.get("GPUCNN_BATCH_THREADS", min(2, CPUS))))
 MIN_PART_SAMPLES = 64
-MIN_PROCESS_PART_SAMPLES = 32  # per worker process (gpucnn.workers): less overhead
+MIN_PROCESS_PART_SAMPLES = 32  # per worker process (gpucnn.parallel.workers): less overhead
 _EXECUTOR: list[ThreadPoolExecutor] = []
 _PART_EXECUTOR: list[ThreadPoolExecutor] = []
 _BLAS: list[Any] = []  # [threadpoolctl controller of the BLAS libraries, or None]

@@ -5,8 +5,8 @@ The NumPy formulation of im2col/col2im launches one copy per kernel offset (25 f
 the whole unfold in one launch. col2im is written in gather form, one thread per input
 pixel summing the windows that cover it, so it needs no atomics and is deterministic.
 
-Only reached through :mod:`gpucnn.im2col` when the arrays are CuPy arrays; cupy itself
-comes from :func:`gpucnn.backend.cupy_status`, never imported here.
+Only reached through :mod:`gpucnn.array.im2col` when the arrays are CuPy arrays; cupy itself
+comes from :func:`gpucnn.array.backend.cupy_status`, never imported here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from gpucnn.backend import Array, cupy_status
+from gpucnn.array.backend import Array, cupy_status
 
 _IM2COL = r"""
     const ptrdiff_t n = i % N;

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gpucnn.backend import (
+from gpucnn.array.backend import (
     Array,
     Backend,
     array_module,
@@ -33,10 +33,10 @@ from gpucnn.backend import (
     resolve_dtype,
     to_host,
 )
-from gpucnn.im2col import nchw_to_internal
-from gpucnn.layers import Layer, layer_from_config
-from gpucnn.losses import Head, head_from_config
-from gpucnn.optim import Optimizer, make_optimizer
+from gpucnn.array.im2col import nchw_to_internal
+from gpucnn.nn.layers import Layer, layer_from_config
+from gpucnn.nn.losses import Head, head_from_config
+from gpucnn.nn.optim import Optimizer, make_optimizer
 
 CHECKPOINT_FORMAT = "gpucnn-checkpoint-v1"
 
@@ -141,7 +141,7 @@ class Sequential:
     # -- computation -----------------------------------------------------------------
     # A model computes a whole batch in the calling process (the array primitives may
     # still use threads). Splitting a large batch across threads or worker processes is
-    # a wrapper's job, above the model: gpucnn.split.BatchSplit.
+    # a wrapper's job, above the model: gpucnn.parallel.split.BatchSplit.
     def prepare_input(self, x: Any) -> Array:
         """A checked public-layout batch on the model's backend and dtype (not yet internal)."""
         x = self.backend.asarray(x, self.dtype)
@@ -183,7 +183,7 @@ class Sequential:
         0-d backend array.
 
         Left on the device so a training step never waits for the host; read it with
-        :func:`gpucnn.backend.to_scalar` when you want the number. The head's input is
+        :func:`gpucnn.array.backend.to_scalar` when you want the number. The head's input is
         kept in ``last_output`` (for accuracy without a second forward pass).
         :meth:`backward` then gives the gradient of exactly this value.
         """

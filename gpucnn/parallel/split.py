@@ -1,12 +1,12 @@
 """One batch over several threads or worker processes, wrapping a model from above.
 
-A :class:`~gpucnn.model.Sequential` computes a whole batch in the calling process. On
+A :class:`~gpucnn.nn.model.Sequential` computes a whole batch in the calling process. On
 NumPy a large batch goes faster in contiguous slices of samples computed in parallel:
 :class:`BatchSplit` wraps a model, offers the same ``loss``/``backward``/``forward``/
 ``params`` interface, and sends slices 1..K-1 of a training step to worker processes
-(:mod:`gpucnn.workers`), which scale better than threads because they share no GIL, or
+(:mod:`gpucnn.parallel.workers`), which scale better than threads because they share no GIL, or
 runs each slice in its own thread where workers cannot run. The model never knows: a
-slice in a thread runs on a :meth:`~gpucnn.model.Sequential.replica` that shares the
+slice in a thread runs on a :meth:`~gpucnn.nn.model.Sequential.replica` that shares the
 parameters, a worker holds its own copy and gets the current parameters with each
 slice. The loss and gradients are the slices' values weighted by their share of the
 batch, equal to the unsplit ones up to float rounding.
@@ -27,10 +27,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gpucnn import workers
-from gpucnn.backend import Array
-from gpucnn.model import Sequential
-from gpucnn.ops import MIN_PROCESS_PART_SAMPLES, batch_parts, run_parts, run_parts_remote
+from gpucnn.array.backend import Array
+from gpucnn.array.pooling import MIN_PROCESS_PART_SAMPLES, batch_parts, run_parts, run_parts_remote
+from gpucnn.nn.model import Sequential
+from gpucnn.parallel import workers
 
 
 class BatchSplit:
@@ -94,7 +94,7 @@ class BatchSplit:
         return self.model.head.predict(self.forward(x))
 
     def loss(self, x: Any, labels: Any, penalty: bool = True) -> Array:
-        """The model's :meth:`~gpucnn.model.Sequential.loss`, computed in slices."""
+        """The model's :meth:`~gpucnn.nn.model.Sequential.loss`, computed in slices."""
         model = self.model
         x = model.prepare_input(x)
         labels = model.prepare_labels(labels, x.shape[0])  # checked whole, before any split

@@ -17,9 +17,9 @@ output pixels. col2im accumulates with slice ``+=`` per offset rather than
 
 from __future__ import annotations
 
-from gpucnn import cuda_kernels
-from gpucnn.backend import Array, array_module, is_gpu
-from gpucnn.ops import parallel_for, window_slices
+from gpucnn.array import cuda_kernels
+from gpucnn.array.backend import Array, array_module, is_gpu
+from gpucnn.array.pooling import parallel_for, window_slices
 
 
 def output_size(size: int, window: int, stride: int) -> int:

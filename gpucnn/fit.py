@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpucnn.backend import Array, host_module, to_host
-from gpucnn.losses import LogisticLogLikelihood
-from gpucnn.model import Sequential
-from gpucnn.optim import Optimizer
-from gpucnn.split import BatchSplit
-from gpucnn.tracking import Tracker, kernel_grid, raise_if_interrupted
+from gpucnn.array.backend import Array, host_module, to_host
+from gpucnn.nn.losses import LogisticLogLikelihood
+from gpucnn.nn.model import Sequential
+from gpucnn.nn.optim import Optimizer
+from gpucnn.parallel.split import BatchSplit
+from gpucnn.tracking.mlflow_store import Tracker, kernel_grid, raise_if_interrupted
 
 
 @dataclass
@@ -111,7 +111,7 @@ def fit(
 ) -> TrainResult:
     """Train ``model`` on ``data`` (a :class:`gpucnn.data.Dataset`), report to ``tracker``.
 
-    Each batch is computed through a :class:`~gpucnn.split.BatchSplit` of the model
+    Each batch is computed through a :class:`~gpucnn.parallel.split.BatchSplit` of the model
     (slices in parallel where that pays) unless ``split_batches`` is false or ``model``
     is a wrapper already. ``progress=None`` shows a bar per epoch only when stderr is a
     terminal.

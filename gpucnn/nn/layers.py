@@ -2,7 +2,7 @@
 
 Every layer has ``forward``/``backward`` on the public layout (images NCHW, vectors
 (N, D)) and ``_forward``/``_backward`` on the internal layout the model chains (images
-(C, H, W, N), batch innermost; see :mod:`gpucnn.im2col`). ``forward`` caches exactly
+(C, H, W, N), batch innermost; see :mod:`gpucnn.array.im2col`). ``forward`` caches exactly
 what ``backward`` needs; ``backward`` returns the gradient with respect to the input and
 fills ``grads`` for the layer's parameters. Gradients are of the quantity being
 *minimised* (the loss, i.e. minus the lecture's log-likelihood J); see docs/lecture.md.
@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gpucnn.backend import Array, Backend, Random, array_module
-from gpucnn.im2col import (
+from gpucnn.array.backend import Array, Backend, Random, array_module
+from gpucnn.array.im2col import (
     col2im,
     im2col,
     internal_to_nchw,
@@ -26,7 +26,7 @@ from gpucnn.im2col import (
     pad_internal,
     unpad_internal,
 )
-from gpucnn.ops import (
+from gpucnn.array.pooling import (
     logistic,
     max_pool,
     max_pool_backward,

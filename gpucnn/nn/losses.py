@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpucnn.backend import Array, array_module
-from gpucnn.ops import log_softmax, logistic, logistic_cross_entropy, softmax_cross_entropy
+from gpucnn.array.backend import Array, array_module
+from gpucnn.array.pooling import (
+    log_softmax,
+    logistic,
+    logistic_cross_entropy,
+    softmax_cross_entropy,
+)
 
 
 class Head:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gpucnn.backend import Array, array_module
-from gpucnn.ops import adam_update, momentum_update, sgd_update
+from gpucnn.array.backend import Array, array_module
+from gpucnn.array.pooling import adam_update, momentum_update, sgd_update
 
 
 def _positive(value: Any, what: str) -> float:

@@ -1,6 +1,6 @@
 """Worker processes that run slices of a large NumPy batch beside the calling process.
 
-Threads can split a batch too (:func:`gpucnn.ops.run_parts`), but a step makes about a
+Threads can split a batch too (:func:`gpucnn.array.pooling.run_parts`), but a step makes about a
 hundred NumPy calls per slice and each one needs the GIL to start. On 2 cores two
 threads reached 60-70% parallel efficiency; two processes reached 83-110%
 (docs/performance.md). So where it can, the model sends slices 1..K-1 of a batch to
@@ -43,8 +43,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from gpucnn.backend import host_module
-from gpucnn.ops import blas_threads_per_part
+from gpucnn.array.backend import host_module
+from gpucnn.array.pooling import blas_threads_per_part
 
 ENABLED = os.environ.get("GPUCNN_BATCH_PROCESSES", "1") != "0" and os.name == "posix"
 START_SECONDS = 60.0  # a worker must have imported gpucnn and answered within this
@@ -57,7 +57,7 @@ LEAD = 1 / 16
 # A worker never splits its own slice again; its BLAS threads are its share of the cores.
 _CHILD_ENV = {"GPUCNN_BATCH_PROCESSES": "0", "GPUCNN_BATCH_THREADS": "1", "GPUCNN_THREADS": "1"}
 _BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-_CHILD_MAIN = "import sys; from gpucnn.serve import serve; serve(*map(int, sys.argv[1:]))"
+_CHILD_MAIN = "import sys; from gpucnn.parallel.serve import serve; serve(*map(int, sys.argv[1:]))"
 _POOL: list[Worker] = []
 _STATE = {"broken": None, "pid": None}  # why workers were turned off; the pool's owner
 
@@ -76,7 +76,7 @@ class Worker:
     def __init__(self, blas_threads: int = 1) -> None:
         self.inputs, self.outputs = SharedFile(), SharedFile()
         parent_end, child_end = socket.socketpair()
-        package_root = str(Path(__file__).resolve().parents[1])
+        package_root = str(Path(__file__).resolve().parents[2])
         path = os.environ.get("PYTHONPATH")
         env = {
             **os.environ,
