@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gpucnn.array.backend import BackendUnavailableError, get_backend
-from gpucnn.data import DataError
+from gpucnn.data import DataError, load_data
 from gpucnn.fit import evaluate
 from gpucnn.nn.model import load_checkpoint
 from gpucnn.tracking.mlflow_store import resolve_store
@@ -61,8 +61,6 @@ def _download(run_id: str, uri: str | None, into: Path) -> tuple[Path, Path]:
 def evaluate_checkpoint(
     checkpoint: Path, config_path: Path, backend: str = "numpy", split: str = "test"
 ) -> dict[str, Any]:
-    from gpucnn.train import load_data  # noqa: PLC0415 - shares the app's data rules
-
     model, _ = load_checkpoint(checkpoint, backend=get_backend(backend))  # checked first
     config = _read_config(config_path)
     dataset = load_data(config["data"])

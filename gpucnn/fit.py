@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpucnn.array.backend import Array, host_module, to_host
+from gpucnn.interrupts import raise_if_interrupted
 from gpucnn.nn.losses import LogisticLogLikelihood
 from gpucnn.nn.model import Sequential
 from gpucnn.nn.optim import Optimizer
 from gpucnn.parallel.split import BatchSplit
-from gpucnn.tracking.mlflow_store import Tracker, kernel_grid, raise_if_interrupted
+from gpucnn.tracking.tracker import Tracker, kernel_grid
 
 
 @dataclass

@@ -30,22 +30,21 @@ from gpucnn.config import (
     plain,
     register_configs,
 )
-from gpucnn.data import DataError, Dataset, load_dataset
+from gpucnn.data import DataError, Dataset, load_data
 from gpucnn.fit import DivergedError, check_trainer_settings, fit
+from gpucnn.interrupts import deferred_interrupt, sticky_interrupts
 from gpucnn.nn.model import save_checkpoint
 from gpucnn.tracking.mlflow_store import (
     PARENT_RUN_ENV,
     PARENT_RUN_FILE,
     MlflowTracker,
-    confusion_image,
-    deferred_interrupt,
     ensure_experiment,
     flatten_params,
     git_commit,
     resolve_store,
-    sticky_interrupts,
     ui_command,
 )
+from gpucnn.tracking.tracker import confusion_image
 
 # The package's conf/ (a symlink to the top-level conf/ in a checkout; real files in an
 # installed wheel). Not resolved, so the path stays inside the package either way.
@@ -53,23 +52,6 @@ CONF_DIR = str(Path(__file__).absolute().parent / "conf")
 USER_ERRORS = (ValueError, DataError, FileNotFoundError, BackendUnavailableError, DivergedError)
 
 register_configs()
-
-
-def load_data(data_cfg: dict[str, Any]) -> Dataset:
-    options = {k: v for k, v in data_cfg.items() if k != "positive_class"}
-    dataset = load_dataset(**options)
-    positive = data_cfg.get("positive_class")
-    if positive is not None:
-        if not 0 <= positive < dataset.num_classes:
-            raise DataError(
-                f"data.positive_class={positive} is not a class of {dataset.name!r} "
-                f"(0..{dataset.num_classes - 1})"
-            )
-        for split in ("train", "val", "test"):
-            labels = getattr(dataset, f"y_{split}")
-            setattr(dataset, f"y_{split}", (labels == positive).astype(np.int64))
-        dataset.num_classes = 2
-    return dataset
 
 
 def prepare(cfg: dict[str, Any]) -> tuple[Any, Dataset, Any, Any]:

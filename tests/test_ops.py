@@ -6,20 +6,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import gpucnn.array.pooling as ops
+import gpucnn.array.pointwise as pointwise
+import gpucnn.array.pooling as pooling
+import gpucnn.array.threads as threads
+import gpucnn.array.updates as updates
 from gpucnn.array.im2col import col2im, im2col, matmul_nt
 from tests.conftest import tie_free
 
 
 @pytest.fixture
 def threaded(monkeypatch):
-    monkeypatch.setattr(ops, "THREADS", 3)
-    monkeypatch.setattr(ops, "PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(threads, "THREADS", 3)
+    monkeypatch.setattr(threads, "PARALLEL_MIN_ELEMENTS", 0)
 
 
 def single_threaded(fn, monkeypatch):
     with monkeypatch.context() as patch:
-        patch.setattr(ops, "THREADS", 1)
+        patch.setattr(threads, "THREADS", 1)
         return fn()
 
 
@@ -30,10 +33,10 @@ def test_pooling_threaded_equals_single(window, stride, threaded, monkeypatch, r
     grad = rng.standard_normal((5, *out_hw, 4)).astype(np.float32)
 
     def run():
-        best, saved = ops.max_pool(x, window, stride, out_hw)
-        back = ops.max_pool_backward(saved, grad, window, stride)
-        total = ops.sum_pool(x, window, stride, out_hw, square=True)
-        spread = ops.spread_pool_grad(grad, x.shape, window, stride, x=x)
+        best, saved = pooling.max_pool(x, window, stride, out_hw)
+        back = pooling.max_pool_backward(saved, grad, window, stride)
+        total = pooling.sum_pool(x, window, stride, out_hw, square=True)
+        spread = pooling.spread_pool_grad(grad, x.shape, window, stride, x=x)
         return best, back, total, spread
 
     for threaded_result, single_result in zip(
@@ -48,8 +51,8 @@ def test_im2col_col2im_relu_threaded_equal_single(threaded, monkeypatch, rng):
     def run():
         col = im2col(x, 3, 2, 1, 2, flip=True)
         img = col2im(col, 8, 7, 1, 2, flip=True)
-        y = ops.relu(x)
-        return col, img, y, ops.relu_backward(x, y)
+        y = pointwise.relu(x)
+        return col, img, y, pointwise.relu_backward(x, y)
 
     for threaded_result, single_result in zip(
         run(), single_threaded(run, monkeypatch), strict=True
@@ -63,7 +66,7 @@ def test_parallel_for_covers_every_index_once(threaded):
     def body(start, stop):
         seen[start:stop] += 1
 
-    ops.parallel_for(np, 101, 10**6, body)
+    threads.parallel_for(np, 101, 10**6, body)
     assert (seen == 1).all()
 
 
@@ -80,7 +83,7 @@ def test_optimizer_kernels_match_formulas(backend, rng):
     param = rng.standard_normal(7)
     grad = rng.standard_normal(7)
     p = backend.asarray(param.copy())
-    ops.sgd_update(p, backend.asarray(grad), 0.1)
+    updates.sgd_update(p, backend.asarray(grad), 0.1)
     np.testing.assert_allclose(p.get() if backend.is_gpu else p, param - 0.1 * grad)
 
 
@@ -95,9 +98,9 @@ def test_small_map_max_pool_path_equals_offset_loop(window, monkeypatch, rng):
 
     def run(small_map):
         with monkeypatch.context() as patch:
-            patch.setattr(ops, "SMALL_MAP", small_map)
-            best, saved = ops.max_pool(x, window, window, out_hw)
-            return best, ops.max_pool_backward(saved, grad, window, window)
+            patch.setattr(pooling, "SMALL_MAP", small_map)
+            best, saved = pooling.max_pool(x, window, window, out_hw)
+            return best, pooling.max_pool_backward(saved, grad, window, window)
 
     (best_small, back_small), (best_loop, back_loop) = run(10**9), run(0)
     np.testing.assert_array_equal(best_small, best_loop)
@@ -125,7 +128,7 @@ def first_max_backward_reference(x, grad, window, stride):
 def test_max_pool_backward_routes_to_first_maximum(shape, ties, monkeypatch, rng):
     """The NumPy backward for stride == window compares whole tiles at once, then keeps
     only each window's first hit where a window holds equal maxima."""
-    monkeypatch.setattr(ops, "SMALL_MAP", 0)  # not the small-map argmax path
+    monkeypatch.setattr(pooling, "SMALL_MAP", 0)  # not the small-map argmax path
     x = tie_free(shape, rng).astype(np.float32)
     if ties == "some channels":
         x[1] = np.round(x[1])
@@ -135,6 +138,6 @@ def test_max_pool_backward_routes_to_first_maximum(shape, ties, monkeypatch, rng
     window = (2, 2)
     out_hw = (shape[1] // 2, shape[2] // 2)
     grad = rng.standard_normal((shape[0], *out_hw, shape[3])).astype(np.float32)
-    _, saved = ops.max_pool(x, window, window, out_hw)
-    back = ops.max_pool_backward(saved, grad, window, window)
+    _, saved = pooling.max_pool(x, window, window, out_hw)
+    back = pooling.max_pool_backward(saved, grad, window, window)
     np.testing.assert_array_equal(back, first_max_backward_reference(x, grad, window, window))

@@ -1,5 +1,5 @@
 """A large NumPy batch runs, through the BatchSplit wrapper, as slices of samples on
-parallel threads (gpucnn.array.pooling.batch_parts and run_parts): the loss, the outputs and every
+parallel threads (gpucnn.parallel.split.batch_parts and run_parts): the loss, the outputs and every
 gradient must equal the unsplit ones. (Slices in worker processes: test_workers.py.)"""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-import gpucnn.array.pooling as ops
+import gpucnn.array.threads as threads
+import gpucnn.parallel.split as split_module
 from gpucnn import (
     BatchSplit,
     Conv2D,
@@ -39,10 +40,10 @@ def split_in_three(monkeypatch):
     (with a BLAS thread budget of 3, whatever this machine's), in threads: worker
     processes have their own tests (test_workers.py)."""
     monkeypatch.setattr(workers, "ENABLED", False)
-    monkeypatch.setattr(ops, "BATCH_THREADS", 3)
-    monkeypatch.setattr(ops, "MIN_PART_SAMPLES", 4)
-    monkeypatch.setattr(ops, "_PART_EXECUTOR", [])
-    ops._blas_controller()
+    monkeypatch.setattr(threads, "BATCH_THREADS", 3)
+    monkeypatch.setattr(threads, "MIN_PART_SAMPLES", 4)
+    monkeypatch.setattr(threads, "_PART_EXECUTOR", [])
+    threads._blas_controller()
     with threadpoolctl.threadpool_limits(limits=3, user_api="blas"):
         yield
 
@@ -155,20 +156,23 @@ def test_split_training_matches_unsplit(split_in_three, monkeypatch, rng):
 def test_fine_grained_pool_runs_inline_inside_a_part(split_in_three, monkeypatch, rng):
     """With the per-primitive pool forced on as well, nothing nests on a pool (which
     could deadlock) and the result is unchanged."""
-    monkeypatch.setattr(ops, "THREADS", 3)
-    monkeypatch.setattr(ops, "PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(threads, "THREADS", 3)
+    monkeypatch.setattr(threads, "PARALLEL_MIN_ELEMENTS", 0)
     calls_in_parts = []  # one entry per use of the fine-grained pool's executor
     reached_in_parts = []  # parallel_for calls made from inside a slice
-    original_executor, original_parallel_for = ops._executor, ops.parallel_for
+    original_executor, original_inside = threads._executor, threads._inside_part
 
-    def spy_parallel_for(*args, **kwargs):
-        reached_in_parts.append(ops._inside_part())
-        return original_parallel_for(*args, **kwargs)
+    def spy_inside_part():  # parallel_for asks this once it would use the pool
+        inside = original_inside()
+        reached_in_parts.append(inside)
+        return inside
 
     monkeypatch.setattr(
-        ops, "_executor", lambda: calls_in_parts.append(ops._inside_part()) or original_executor()
+        threads,
+        "_executor",
+        lambda: calls_in_parts.append(original_inside()) or original_executor(),
     )
-    monkeypatch.setattr(ops, "parallel_for", spy_parallel_for)
+    monkeypatch.setattr(threads, "_inside_part", spy_inside_part)
     x = rng.standard_normal((12, 3, 9, 9))
     labels = rng.integers(0, 3, 12)
     split, whole = BatchSplit(build("softmax")), build("softmax")
@@ -182,44 +186,44 @@ def test_fine_grained_pool_runs_inline_inside_a_part(split_in_three, monkeypatch
 
 
 def test_batch_parts_policy(monkeypatch):
-    monkeypatch.setattr(ops, "BATCH_THREADS", 2)
-    monkeypatch.setattr(ops, "MIN_PART_SAMPLES", 64)
-    ops._blas_controller()
+    monkeypatch.setattr(threads, "BATCH_THREADS", 2)
+    monkeypatch.setattr(threads, "MIN_PART_SAMPLES", 64)
+    threads._blas_controller()
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
-        assert ops.batch_parts(np, 127) == [slice(0, 127)]
-        assert ops.batch_parts(np, 129) == [slice(0, 64), slice(64, 129)]
+        assert split_module.batch_parts(np, 127) == [slice(0, 127)]
+        assert split_module.batch_parts(np, 129) == [slice(0, 64), slice(64, 129)]
         # The first slice can lead (for worker processes): 1/16 more than an even share.
-        assert ops.batch_parts(np, 256, 32, 1 / 16) == [slice(0, 136), slice(136, 256)]
+        assert split_module.batch_parts(np, 256, 32, 1 / 16) == [slice(0, 136), slice(136, 256)]
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):  # one-thread budget
-        assert ops.batch_parts(np, 1024) == [slice(0, 1024)]
-    monkeypatch.setattr(ops, "_BLAS", [None])  # no way to limit BLAS threads: never split
-    assert ops.batch_parts(np, 1024) == [slice(0, 1024)]
+        assert split_module.batch_parts(np, 1024) == [slice(0, 1024)]
+    monkeypatch.setattr(threads, "_BLAS", [None])  # no way to limit BLAS threads: never split
+    assert split_module.batch_parts(np, 1024) == [slice(0, 1024)]
 
 
 def test_run_parts_limits_blas_and_restores_it(monkeypatch):
-    monkeypatch.setattr(ops, "BATCH_THREADS", 2)
-    monkeypatch.setattr(ops, "_PART_EXECUTOR", [])
-    blas = ops._blas_controller()
+    monkeypatch.setattr(threads, "BATCH_THREADS", 2)
+    monkeypatch.setattr(threads, "_PART_EXECUTOR", [])
+    blas = threads._blas_controller()
     before = [lib["num_threads"] for lib in blas.info()]
-    seen = ops.run_parts(
+    seen = split_module.run_parts(
         [slice(0, 1), slice(1, 2)],
-        lambda k, part: (k, ops._inside_part(), [lib["num_threads"] for lib in blas.info()]),
+        lambda k, part: (k, threads._inside_part(), [lib["num_threads"] for lib in blas.info()]),
     )
-    inside = [min(max(1, ops.CPUS // 2), threads) for threads in before]
+    inside = [min(max(1, threads.CPUS // 2), count) for count in before]
     assert seen == [(0, True, inside), (1, True, inside)]
     assert [lib["num_threads"] for lib in blas.info()] == before
-    assert not ops._inside_part()
+    assert not threads._inside_part()
 
 
 def test_run_parts_never_raises_the_users_blas_threads(monkeypatch):
     """On a many-core host a slice's share is several threads; a user who limited BLAS to
     one thread keeps one."""
-    monkeypatch.setattr(ops, "BATCH_THREADS", 2)
-    monkeypatch.setattr(ops, "_PART_EXECUTOR", [])
-    monkeypatch.setattr(ops, "CPUS", 16)
-    blas = ops._blas_controller()
+    monkeypatch.setattr(threads, "BATCH_THREADS", 2)
+    monkeypatch.setattr(threads, "_PART_EXECUTOR", [])
+    monkeypatch.setattr(threads, "CPUS", 16)
+    blas = threads._blas_controller()
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-        seen = ops.run_parts(
+        seen = split_module.run_parts(
             [slice(0, 1), slice(1, 2)],
             lambda k, part: [lib["num_threads"] for lib in blas.info()],
         )
@@ -228,8 +232,8 @@ def test_run_parts_never_raises_the_users_blas_threads(monkeypatch):
 
 
 def test_run_parts_finishes_every_part_and_reraises(monkeypatch):
-    monkeypatch.setattr(ops, "BATCH_THREADS", 2)
-    monkeypatch.setattr(ops, "_PART_EXECUTOR", [])
+    monkeypatch.setattr(threads, "BATCH_THREADS", 2)
+    monkeypatch.setattr(threads, "_PART_EXECUTOR", [])
     finished = threading.Event()
 
     def body(k, part):
@@ -239,7 +243,7 @@ def test_run_parts_finishes_every_part_and_reraises(monkeypatch):
         finished.set()
 
     with pytest.raises(RuntimeError, match="part 0 failed"):
-        ops.run_parts([slice(0, 1), slice(1, 2)], body)
+        split_module.run_parts([slice(0, 1), slice(1, 2)], body)
     assert finished.is_set()  # the other part was waited for, not abandoned
 
     def fails_in_worker(k, part):
@@ -248,13 +252,13 @@ def test_run_parts_finishes_every_part_and_reraises(monkeypatch):
         return k
 
     with pytest.raises(ValueError, match="part 1 failed"):
-        ops.run_parts([slice(0, 1), slice(1, 2)], fails_in_worker)
+        split_module.run_parts([slice(0, 1), slice(1, 2)], fails_in_worker)
 
 
 def test_no_split_on_cupy(backend):
     if not backend.is_gpu:
         pytest.skip("checks the CuPy policy")
-    assert ops.batch_parts(backend.xp, 4096) == [slice(0, 4096)]
+    assert split_module.batch_parts(backend.xp, 4096) == [slice(0, 4096)]
 
 
 def test_label_count_is_checked_for_the_whole_batch(split_in_three, rng):

@@ -25,7 +25,7 @@ from gpucnn import (  # noqa: E402
     Tanh,
 )
 from gpucnn.array.backend import to_host  # noqa: E402
-from gpucnn.array.pooling import MIN_PART_SAMPLES  # noqa: E402
+from gpucnn.array.threads import MIN_PART_SAMPLES  # noqa: E402
 
 
 def torch_forward(model, x, params):

@@ -490,7 +490,7 @@ def test_diverging_run_fails_with_one_line(tmp_path):
 
 
 def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends():
-    from gpucnn.tracking.mlflow_store import deferred_interrupt, raise_if_interrupted  # noqa: PLC0415
+    from gpucnn.interrupts import deferred_interrupt, raise_if_interrupted  # noqa: PLC0415
 
     before = signal.getsignal(signal.SIGINT)
     finished = []

@@ -13,10 +13,11 @@ from gpucnn import Adam, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, So
 from gpucnn.array.backend import to_host
 from gpucnn.data import load_dataset
 from gpucnn.fit import DivergedError, check_trainer_settings, evaluate, fit
+from gpucnn.interrupts import sticky_interrupts
 from gpucnn.nn.layers import Pool2D
 from gpucnn.nn.losses import LogisticLogLikelihood
 from gpucnn.nn.optim import GradientAscent
-from gpucnn.tracking.mlflow_store import Tracker, kernel_grid, sticky_interrupts
+from gpucnn.tracking.tracker import Tracker, kernel_grid
 
 
 class Recorder(Tracker):

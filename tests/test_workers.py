@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gpucnn.array.pooling as ops
+import gpucnn.array.threads as threads
 from gpucnn import BatchSplit
 from gpucnn.parallel import workers
 from tests.test_split import build, train_split_and_whole
@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def two_parts(monkeypatch):
     """Any batch of 2 * 32 or more samples goes half to one worker process, whatever this
     machine's core count; workers are put back on and shut down afterwards."""
-    monkeypatch.setattr(ops, "BATCH_THREADS", 2)
+    monkeypatch.setattr(threads, "BATCH_THREADS", 2)
     monkeypatch.setattr(workers, "_STATE", {"broken": None, "pid": None})
-    ops._blas_controller()
+    threads._blas_controller()
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
         yield
     workers.shutdown()
@@ -265,17 +265,17 @@ def test_gpucnn_batch_processes_0_keeps_to_threads():
 
 def test_a_worker_gets_the_blas_threads_of_its_slice(monkeypatch):
     """On many cores each slice, here and in the worker, gets an even share."""
-    monkeypatch.setattr(ops, "CPUS", 16)
+    monkeypatch.setattr(threads, "CPUS", 16)
     created = []
     monkeypatch.setattr(workers, "Worker", lambda threads: created.append(threads) or threads)
     monkeypatch.setattr(workers, "_POOL", [])
     monkeypatch.setattr(workers, "_STATE", {"broken": None, "pid": None})
     with threadpoolctl.threadpool_limits(limits=16, user_api="blas"):
-        assert ops.blas_threads_per_part(2) == 8
+        assert threads.blas_threads_per_part(2) == 8
         assert workers.pool(1) == [8] and created == [8]
     with threadpoolctl.threadpool_limits(limits=6, user_api="blas"):  # the user's limit
-        assert ops.blas_threads_per_part(2) == 6
-        assert ops.blas_threads_per_part(4) == 4
+        assert threads.blas_threads_per_part(2) == 6
+        assert threads.blas_threads_per_part(4) == 4
 
 
 def test_the_blas_share_reaches_the_workers_environment(monkeypatch):

@@ -19,12 +19,28 @@ from __future__ import annotations
 
 from gpucnn.array import cuda_kernels
 from gpucnn.array.backend import Array, array_module, is_gpu
-from gpucnn.array.pooling import parallel_for, window_slices
+from gpucnn.array.threads import parallel_for
 
 
 def output_size(size: int, window: int, stride: int) -> int:
     """Number of valid window positions: floor((size - window) / stride) + 1."""
     return (size - window) // stride + 1
+
+
+def window_slices(
+    i: int, j: int, out_h: int, out_w: int, stride_h: int, stride_w: int
+) -> tuple[slice, slice, slice, slice]:
+    """Index of the (C, OH, OW, N) slab of an internal image touched by kernel offset (i, j)."""
+    return (
+        slice(None),
+        slice(i, i + stride_h * (out_h - 1) + 1, stride_h),
+        slice(j, j + stride_w * (out_w - 1) + 1, stride_w),
+        slice(None),
+    )
+
+
+def _offsets(window: tuple[int, int]) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(window[0]) for j in range(window[1])]
 
 
 def im2col(x: Array, kh: int, kw: int, sh: int, sw: int, flip: bool = False) -> Array:

@@ -26,12 +26,10 @@ from gpucnn.array.im2col import (
     pad_internal,
     unpad_internal,
 )
+from gpucnn.array.pointwise import logistic, relu, relu_backward
 from gpucnn.array.pooling import (
-    logistic,
     max_pool,
     max_pool_backward,
-    relu,
-    relu_backward,
     spread_pool_grad,
     sum_pool,
 )

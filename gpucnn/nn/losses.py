@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from gpucnn.array.backend import Array, array_module
-from gpucnn.array.pooling import (
+from gpucnn.array.cross_entropy import (
     log_softmax,
-    logistic,
     logistic_cross_entropy,
     softmax_cross_entropy,
 )
+from gpucnn.array.pointwise import logistic
 
 
 class Head:

@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from gpucnn.array.backend import Array, array_module
-from gpucnn.array.pooling import adam_update, momentum_update, sgd_update
+from gpucnn.array.updates import adam_update, momentum_update, sgd_update
 
 
 def _positive(value: Any, what: str) -> float:

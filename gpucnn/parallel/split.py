@@ -25,12 +25,15 @@ share of the cores, there is one slice and the wrapper is the model.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, TypeVar
 
-from gpucnn.array.backend import Array
-from gpucnn.array.pooling import MIN_PROCESS_PART_SAMPLES, batch_parts, run_parts, run_parts_remote
+from gpucnn.array import threads
+from gpucnn.array.backend import Array, is_gpu
 from gpucnn.nn.model import Sequential
 from gpucnn.parallel import workers
+
+T = TypeVar("T")
 
 
 class BatchSplit:
@@ -61,7 +64,9 @@ class BatchSplit:
         """The slices for ``n`` samples and a worker process for each but the first, or
         (thread slices, None) where workers cannot take them."""
         if workers.usable():  # batch_parts gives CuPy arrays one slice: no workers
-            slices = batch_parts(self.model.backend.xp, n, MIN_PROCESS_PART_SAMPLES, workers.LEAD)
+            slices = batch_parts(
+                self.model.backend.xp, n, threads.MIN_PROCESS_PART_SAMPLES, workers.LEAD
+            )
             helpers = workers.pool(len(slices) - 1) if len(slices) > 1 else None
             if helpers is not None:
                 return slices, helpers
@@ -203,3 +208,70 @@ class BatchSplit:
 def slice_weights(slices: list[slice]) -> list[float]:
     """Each slice's share of the batch (the slices run from 0 to the batch size)."""
     return [(part.stop - part.start) / slices[-1].stop for part in slices]
+
+
+def batch_parts(xp: Any, n: int, min_samples: int | None = None, lead: float = 0.0) -> list[slice]:
+    """Contiguous slices of a batch of ``n`` samples, one per thread (or worker process)
+    that will run it, each of at least ``min_samples`` (default ``threads.MIN_PART_SAMPLES``).
+    The first slice gets ``lead`` (a fraction) more than an even share.
+
+    One slice (no split) on CuPy, for small batches, inside a part already, where BLAS
+    is held to one thread, or where its threads cannot be limited (the split would
+    oversubscribe the cores).
+    """
+    parts = min(threads.BATCH_THREADS, n // (min_samples or threads.MIN_PART_SAMPLES))
+    blas = (
+        None if parts <= 1 or is_gpu(xp) or threads._inside_part() else threads._blas_controller()
+    )
+    if blas is not None:
+        # The BLAS thread setting is the thread budget (OPENBLAS_NUM_THREADS, or what a
+        # launcher such as joblib's gave this worker process): stay within it.
+        parts = min(parts, *(lib.num_threads for lib in blas.lib_controllers))
+    if blas is None or parts <= 1:
+        return [slice(0, n)]
+    bounds = [n * k // parts for k in range(parts + 1)]
+    if lead:
+        first = min(round(n / parts * (1 + lead)), n - parts + 1)
+        bounds = [0] + [first + (n - first) * k // (parts - 1) for k in range(parts)]
+    return [slice(bounds[k], bounds[k + 1]) for k in range(parts)]
+
+
+def run_parts(parts: list[slice], body: Callable[[int, slice], T]) -> list[T]:
+    """``[body(k, parts[k]) for k ...]``, each part on its own thread when there are several.
+
+    Part 0 runs on the calling thread. Every part has finished when this returns, also
+    when one of them raised (the first error is re-raised).
+    """
+    if len(parts) == 1:
+        return [body(0, parts[0])]
+    if not threads._PART_EXECUTOR:
+        threads._PART_EXECUTOR.append(
+            ThreadPoolExecutor(threads.BATCH_THREADS - 1, thread_name_prefix="gpucnn-part")
+        )
+    with threads._blas_share(len(parts)):
+        futures = [
+            threads._PART_EXECUTOR[0].submit(threads._run_part, body, k, parts[k])
+            for k in range(1, len(parts))
+        ]
+        try:
+            first = threads._run_part(body, 0, parts[0])
+        finally:
+            wait(futures)
+        return [first, *(future.result() for future in futures)]
+
+
+def run_parts_remote(
+    parts: list[slice],
+    body: Callable[[int, slice], T],
+    send: Callable[[int, slice], None],
+    receive: Callable[[int], T],
+) -> list[T]:
+    """Like :func:`run_parts`, with parts k >= 1 run elsewhere (worker processes):
+    ``send(k, part)`` hands each one over, part 0 runs here as ``body(0, part)``, then
+    ``receive(k)`` collects the others in order. BLAS here keeps to its share of the
+    cores meanwhile."""
+    with threads._blas_share(len(parts)):
+        for k in range(1, len(parts)):
+            send(k, parts[k])
+        first = threads._run_part(body, 0, parts[0])
+        return [first, *(receive(k) for k in range(1, len(parts)))]

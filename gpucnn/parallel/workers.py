@@ -1,6 +1,6 @@
 """Worker processes that run slices of a large NumPy batch beside the calling process.
 
-Threads can split a batch too (:func:`gpucnn.array.pooling.run_parts`), but a step makes about a
+Threads can split a batch too (:func:`gpucnn.parallel.split.run_parts`), but a step makes about a
 hundred NumPy calls per slice and each one needs the GIL to start. On 2 cores two
 threads reached 60-70% parallel efficiency; two processes reached 83-110%
 (docs/performance.md). So where it can, the model sends slices 1..K-1 of a batch to
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from gpucnn.array.backend import host_module
-from gpucnn.array.pooling import blas_threads_per_part
+from gpucnn.array.threads import blas_threads_per_part
 
 ENABLED = os.environ.get("GPUCNN_BATCH_PROCESSES", "1") != "0" and os.name == "posix"
 START_SECONDS = 60.0  # a worker must have imported gpucnn and answered within this

@@ -1,5 +1,6 @@
-"""Experiment tracking at the edge: a small Tracker interface for the training loop, and
-its MLflow implementation. The core never imports MLflow; only this module does.
+"""Experiment tracking at the edge: the MLflow implementation of the training loop's
+:class:`~gpucnn.tracking.tracker.Tracker`, and where the store is. The core never imports
+MLflow; only this module (and the entry points) do.
 
 Default store: a SQLite database and an artifact folder under ``runs/`` of the directory
 the user launched from, created on first use. ``tracking.uri`` or ``MLFLOW_TRACKING_URI``
@@ -8,92 +9,28 @@ points elsewhere (e.g. an ``http://`` tracking server).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
+from gpucnn.interrupts import deferred_interrupt
+from gpucnn.tracking.tracker import Tracker
+
 PARENT_RUN_ENV = "GPUCNN_PARENT_RUN_ID"
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@contextlib.contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt.
-
-    A store write cut in half can leave SQLite locked by the interrupted transaction, and
-    then marking the run KILLED fails with "database is locked". Off the main thread,
-    where Python delivers no signals, this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    sticky = signal.getsignal(signal.SIGINT) is _remember_and_raise
-
-    def hold(signum: int, frame: Any) -> None:
-        received.append(signum)
-        if sticky:  # inside sticky_interrupts(): remember it there too
-            _INTERRUPTED[0] = True
-
-    previous = signal.signal(signal.SIGINT, hold)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
-        if received:
-            raise KeyboardInterrupt
-
-
-_INTERRUPTED = [False]  # Ctrl-C arrived inside sticky_interrupts()
-
-
-def _remember_and_raise(signum: int, frame: Any) -> None:
-    _INTERRUPTED[0] = True
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def sticky_interrupts() -> Iterator[None]:
-    """Make Ctrl-C impossible to lose inside the block: see :func:`raise_if_interrupted`.
-
-    Python raises KeyboardInterrupt wherever the main thread is when the signal arrives.
-    If that is inside a weakref callback or a ``__del__`` (SQLAlchemy's, during garbage
-    collection, say), the exception is printed as "Exception ignored" and dropped, and
-    training would go on. Within this block the signal is also remembered.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, _remember_and_raise)
-    _INTERRUPTED[0] = False
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
-        _INTERRUPTED[0] = False
-
-
-def raise_if_interrupted() -> None:
-    """Raise KeyboardInterrupt if Ctrl-C arrived in :func:`sticky_interrupts` (the
-    training loop asks once per step, in case the first one was dropped)."""
-    if _INTERRUPTED[0]:
-        raise KeyboardInterrupt
 
 
 def _whole(method: F) -> F:
@@ -105,89 +42,6 @@ def _whole(method: F) -> F:
             return method(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
-
-
-class Tracker:
-    """What the training loop reports to. The base class records nothing."""
-
-    def log_params(self, params: dict[str, Any]) -> None: ...
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-
-    def log_metric_history(self, key: str, values: list[float], first_step: int) -> None: ...
-
-    def log_image(self, key: str, image: np.ndarray, step: int) -> None: ...
-
-    def log_array(self, name: str, array: np.ndarray) -> None: ...
-
-    def log_file(self, path: str | Path, folder: str | None = None) -> None: ...
-
-    def set_tags(self, tags: dict[str, str]) -> None: ...
-
-    def flush(self) -> None: ...
-
-
-# -- images -----------------------------------------------------------------------------
-def kernel_grid(
-    weight: np.ndarray, scale: int = 16, gap: int = 1, max_width: int = 1024
-) -> np.ndarray:
-    """(P, C, KH, KW) kernels -> one uint8 grayscale image.
-
-    Single-channel kernels are laid out in a near-square grid; with several input
-    channels each kernel is a row and each channel a column. Every tile is scaled to its
-    own [min, max] and enlarged (nearest neighbour, at most ``scale`` times and so that the
-    image stays within ``max_width`` pixels) so that single weights stay visible.
-    """
-    p, c, kh, kw = weight.shape
-    tiles = weight.reshape(p * c, kh, kw)
-    if c == 1:
-        cols = int(np.ceil(np.sqrt(p)))
-        rows = int(np.ceil(p / cols))
-    else:
-        rows, cols = p, c
-    scale = max(1, min(scale, (max_width - gap) // (cols * (kw + gap)), 256 // max(kh, kw, 1)))
-    tile_h, tile_w = kh * scale, kw * scale
-    grid = np.full((rows * (tile_h + gap) + gap, cols * (tile_w + gap) + gap), 255, np.uint8)
-    for index, tile in enumerate(tiles.astype(np.float64)):
-        row, col = divmod(index, cols)
-        span = tile.max() - tile.min()
-        tile = (tile - tile.min()) / span if span > 0 else np.full_like(tile, 0.5)
-        top, left = gap + row * (tile_h + gap), gap + col * (tile_w + gap)
-        grid[top : top + tile_h, left : left + tile_w] = (
-            (np.kron(tile, np.ones((scale, scale))) * 255).round().astype(np.uint8)
-        )
-    return grid
-
-
-def confusion_image(confusion: np.ndarray, cell: int = 36) -> np.ndarray:
-    """A confusion matrix as an RGB heat map with the counts written in (rows: true
-    class, columns: predicted)."""
-    from PIL import Image, ImageDraw  # noqa: PLC0415 - only needed when logging images
-
-    k = confusion.shape[0]
-    margin = cell
-    size = (margin + k * cell, margin + k * cell)
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    rows = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-    for t in range(k):
-        draw.text((4, margin + t * cell + cell // 3), str(t), fill="black")
-        draw.text((margin + t * cell + cell // 3, 4), str(t), fill="black")
-        for p in range(k):
-            shade = int(255 * (1 - rows[t, p]))
-            box = (
-                margin + p * cell,
-                margin + t * cell,
-                margin + (p + 1) * cell - 1,
-                margin + (t + 1) * cell - 1,
-            )
-            draw.rectangle(box, fill=(shade, shade, 255))
-            draw.text(
-                (box[0] + 4, box[1] + cell // 3),
-                str(int(confusion[t, p])),
-                fill="white" if rows[t, p] > 0.5 else "black",
-            )
-    return np.asarray(image)
 
 
 # -- store resolution --------------------------------------------------------------------
