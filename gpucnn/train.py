@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from gpucnn.array.backend import BackendUnavailableError, get_backend, to_host
+from gpucnn.array.threads import settings as cpu_settings
 from gpucnn.config import (
     build_model,
     build_optimizer,
@@ -58,6 +59,7 @@ def prepare(cfg: dict[str, Any]) -> tuple[Any, Dataset, Any, Any]:
     """Backend, data, model and optimizer, or a clear error: nothing is logged yet."""
     check_known_keys(cfg)
     check_trainer_settings(cfg["trainer"])
+    cpu_settings()  # GPUCNN_THREADS and the like are read (and checked) now, not mid-run
     backend = get_backend(cfg["backend"])
     dataset = load_data(cfg["data"])
     trainer = cfg["trainer"]

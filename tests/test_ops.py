@@ -15,14 +15,13 @@ from tests.conftest import tie_free
 
 
 @pytest.fixture
-def threaded(monkeypatch):
-    monkeypatch.setattr(threads, "THREADS", 3)
-    monkeypatch.setattr(threads, "PARALLEL_MIN_ELEMENTS", 0)
+def threaded():
+    with threads.configured(helper_threads=3, min_parallel_elements=0):
+        yield
 
 
 def single_threaded(fn, monkeypatch):
-    with monkeypatch.context() as patch:
-        patch.setattr(threads, "THREADS", 1)
+    with threads.configured(helper_threads=1):
         return fn()
 
 
@@ -141,3 +140,26 @@ def test_max_pool_backward_routes_to_first_maximum(shape, ties, monkeypatch, rng
     _, saved = pooling.max_pool(x, window, window, out_hw)
     back = pooling.max_pool_backward(saved, grad, window, window)
     np.testing.assert_array_equal(back, first_max_backward_reference(x, grad, window, window))
+
+
+def test_cpu_settings_come_from_the_environment():
+    read = threads.CpuSettings.from_environment
+    two_cores = read({}, cpus=2)
+    assert (two_cores.helper_threads, two_cores.batch_slices) == (1, 2)  # measured defaults
+    many = read({"GPUCNN_THREADS": "6", "GPUCNN_BATCH_THREADS": "3"}, cpus=16)
+    assert (many.cpus, many.helper_threads, many.batch_slices) == (16, 6, 3)
+    assert read({"GPUCNN_BATCH_THREADS": "0"}, cpus=4).batch_slices == 1  # 0 is off too
+    assert read({"GPUCNN_BATCH_PROCESSES": "0"}, cpus=4).worker_processes is False
+    with pytest.raises(ValueError, match=r"^GPUCNN_THREADS='two' is not an integer; allowed"):
+        read({"GPUCNN_THREADS": "two"}, cpus=4)
+
+
+def test_configured_changes_settings_for_a_block_only():
+    before = threads.settings()
+    with threads.configured(helper_threads=7) as inside:
+        assert threads.settings() is inside and inside.helper_threads == 7
+        assert inside.batch_slices == before.batch_slices
+    assert threads.settings() is before
+    with pytest.raises(TypeError):  # a misspelt setting is an error, not a new attribute
+        with threads.configured(helper_thread=2):
+            pass

@@ -1,6 +1,7 @@
 """A large NumPy batch runs, through the BatchSplit wrapper, as slices of samples on
-parallel threads (gpucnn.parallel.split.batch_parts and run_parts): the loss, the outputs and every
-gradient must equal the unsplit ones. (Slices in worker processes: test_workers.py.)"""
+parallel threads (gpucnn.parallel.split.batch_slices and run_slices): the loss, the
+outputs and every gradient must equal the unsplit ones. (Slices in worker processes:
+test_workers.py.)"""
 
 from __future__ import annotations
 
@@ -29,23 +30,19 @@ from gpucnn import (
 from gpucnn.data import Dataset
 from gpucnn.fit import fit
 from gpucnn.nn.layers import AvgPool2D
-from gpucnn.parallel import workers
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 
 
 @pytest.fixture
-def split_in_three(monkeypatch):
-    """Split any batch of 3 * 4 or more samples into three parts, on a fresh executor
-    (with a BLAS thread budget of 3, whatever this machine's), in threads: worker
-    processes have their own tests (test_workers.py)."""
-    monkeypatch.setattr(workers, "ENABLED", False)
-    monkeypatch.setattr(threads, "BATCH_THREADS", 3)
-    monkeypatch.setattr(threads, "MIN_PART_SAMPLES", 4)
-    monkeypatch.setattr(threads, "_PART_EXECUTOR", [])
-    threads._blas_controller()
-    with threadpoolctl.threadpool_limits(limits=3, user_api="blas"):
-        yield
+def split_in_three():
+    """Split any batch of 3 * 4 or more samples into three slices (with a BLAS thread
+    budget of 3, whatever this machine's), in threads: worker processes have their own
+    tests (test_workers.py)."""
+    with threads.configured(worker_processes=False, batch_slices=3, min_thread_slice=4):
+        threads.blas_controller()
+        with threadpoolctl.threadpool_limits(limits=3, user_api="blas"):
+            yield
 
 
 def build(head: str) -> Sequential:
@@ -153,77 +150,90 @@ def test_split_training_matches_unsplit(split_in_three, monkeypatch, rng):
     assert max(slice_counts) == 3  # full training batches of 16 went in three slices
 
 
-def test_fine_grained_pool_runs_inline_inside_a_part(split_in_three, monkeypatch, rng):
+def test_fine_grained_pool_runs_inline_inside_a_slice(split_in_three, monkeypatch, rng):
     """With the per-primitive pool forced on as well, nothing nests on a pool (which
     could deadlock) and the result is unchanged."""
-    monkeypatch.setattr(threads, "THREADS", 3)
-    monkeypatch.setattr(threads, "PARALLEL_MIN_ELEMENTS", 0)
-    calls_in_parts = []  # one entry per use of the fine-grained pool's executor
-    reached_in_parts = []  # parallel_for calls made from inside a slice
-    original_executor, original_inside = threads._executor, threads._inside_part
+    calls_in_slices = []  # one entry per use of the fine-grained pool's executor
+    reached_in_slices = []  # parallel_for calls made from inside a slice
+    original_executor, original_inside = threads.executor, threads.inside_slice
 
-    def spy_inside_part():  # parallel_for asks this once it would use the pool
+    def spy_inside_slice():  # parallel_for asks this once it would use the pool
         inside = original_inside()
-        reached_in_parts.append(inside)
+        reached_in_slices.append(inside)
         return inside
 
-    monkeypatch.setattr(
-        threads,
-        "_executor",
-        lambda: calls_in_parts.append(original_inside()) or original_executor(),
-    )
-    monkeypatch.setattr(threads, "_inside_part", spy_inside_part)
+    def spy_executor(role, size):
+        if role == "helper":
+            calls_in_slices.append(original_inside())
+        return original_executor(role, size)
+
+    monkeypatch.setattr(threads, "executor", spy_executor)
+    monkeypatch.setattr(threads, "inside_slice", spy_inside_slice)
     x = rng.standard_normal((12, 3, 9, 9))
     labels = rng.integers(0, 3, 12)
     split, whole = BatchSplit(build("softmax")), build("softmax")
-    split.loss(x, labels)
-    grads = split.backward()
-    assert any(reached_in_parts)  # the pool was asked for inside the slices...
-    assert not any(calls_in_parts)  # ...and never used there
+    with threads.configured(helper_threads=3, min_parallel_elements=0):
+        split.loss(x, labels)
+        grads = split.backward()
+    assert any(reached_in_slices)  # the pool was asked for inside the slices...
+    assert not any(calls_in_slices)  # ...and never used there
     whole.loss(x, labels)
     for key, value in whole.backward().items():
         np.testing.assert_allclose(grads[key], value, rtol=1e-10, atol=1e-14)
 
 
-def test_batch_parts_policy(monkeypatch):
-    monkeypatch.setattr(threads, "BATCH_THREADS", 2)
-    monkeypatch.setattr(threads, "MIN_PART_SAMPLES", 64)
-    threads._blas_controller()
-    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
-        assert split_module.batch_parts(np, 127) == [slice(0, 127)]
-        assert split_module.batch_parts(np, 129) == [slice(0, 64), slice(64, 129)]
-        # The first slice can lead (for worker processes): 1/16 more than an even share.
-        assert split_module.batch_parts(np, 256, 32, 1 / 16) == [slice(0, 136), slice(136, 256)]
-    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):  # one-thread budget
-        assert split_module.batch_parts(np, 1024) == [slice(0, 1024)]
-    monkeypatch.setattr(threads, "_BLAS", [None])  # no way to limit BLAS threads: never split
-    assert split_module.batch_parts(np, 1024) == [slice(0, 1024)]
+def test_batch_slices_policy(monkeypatch):
+    threads.blas_controller()
+    with (
+        threads.configured(batch_slices=2),
+        threadpoolctl.threadpool_limits(limits=2, user_api="blas"),
+    ):
+        assert split_module.batch_slices(np, 127, 64) == [slice(0, 127)]
+        assert split_module.batch_slices(np, 129, 64) == [slice(0, 64), slice(64, 129)]
+        # The first slice can take more (for worker processes): 1/16 above an even share.
+        assert split_module.batch_slices(np, 256, 32, 1 / 16) == [slice(0, 136), slice(136, 256)]
+        with threads.running_slice():  # a slice is never split again
+            assert split_module.batch_slices(np, 1024, 64) == [slice(0, 1024)]
+    with (
+        threads.configured(batch_slices=2),
+        threadpoolctl.threadpool_limits(limits=1, user_api="blas"),  # one-thread budget
+    ):
+        assert split_module.batch_slices(np, 1024, 64) == [slice(0, 1024)]
+    with threads.configured(batch_slices=1):  # GPUCNN_BATCH_THREADS=1: off
+        assert split_module.batch_slices(np, 1024, 64) == [slice(0, 1024)]
+    monkeypatch.setattr(threads, "blas_controller", lambda: None)  # BLAS cannot be limited
+    with threads.configured(batch_slices=2):
+        assert split_module.batch_slices(np, 1024, 64) == [slice(0, 1024)]
 
 
-def test_run_parts_limits_blas_and_restores_it(monkeypatch):
-    monkeypatch.setattr(threads, "BATCH_THREADS", 2)
-    monkeypatch.setattr(threads, "_PART_EXECUTOR", [])
-    blas = threads._blas_controller()
+@pytest.fixture
+def two_slices():
+    with threads.configured(batch_slices=2):
+        yield
+
+
+def test_run_slices_limits_blas_and_restores_it(two_slices):
+    blas = threads.blas_controller()
     before = [lib["num_threads"] for lib in blas.info()]
-    seen = split_module.run_parts(
+    seen = split_module.run_slices(
         [slice(0, 1), slice(1, 2)],
-        lambda k, part: (k, threads._inside_part(), [lib["num_threads"] for lib in blas.info()]),
+        lambda k, part: (k, threads.inside_slice(), [lib["num_threads"] for lib in blas.info()]),
     )
-    inside = [min(max(1, threads.CPUS // 2), count) for count in before]
+    inside = [min(max(1, threads.settings().cpus // 2), count) for count in before]
     assert seen == [(0, True, inside), (1, True, inside)]
     assert [lib["num_threads"] for lib in blas.info()] == before
-    assert not threads._inside_part()
+    assert not threads.inside_slice()
 
 
-def test_run_parts_never_raises_the_users_blas_threads(monkeypatch):
+def test_run_slices_never_raises_the_users_blas_threads():
     """On a many-core host a slice's share is several threads; a user who limited BLAS to
     one thread keeps one."""
-    monkeypatch.setattr(threads, "BATCH_THREADS", 2)
-    monkeypatch.setattr(threads, "_PART_EXECUTOR", [])
-    monkeypatch.setattr(threads, "CPUS", 16)
-    blas = threads._blas_controller()
-    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-        seen = split_module.run_parts(
+    blas = threads.blas_controller()
+    with (
+        threads.configured(batch_slices=2, cpus=16),
+        threadpoolctl.threadpool_limits(limits=1, user_api="blas"),
+    ):
+        seen = split_module.run_slices(
             [slice(0, 1), slice(1, 2)],
             lambda k, part: [lib["num_threads"] for lib in blas.info()],
         )
@@ -231,34 +241,32 @@ def test_run_parts_never_raises_the_users_blas_threads(monkeypatch):
         assert [lib["num_threads"] for lib in blas.info()] == [1] * len(blas.lib_controllers)
 
 
-def test_run_parts_finishes_every_part_and_reraises(monkeypatch):
-    monkeypatch.setattr(threads, "BATCH_THREADS", 2)
-    monkeypatch.setattr(threads, "_PART_EXECUTOR", [])
+def test_run_slices_finishes_every_slice_and_reraises(two_slices):
     finished = threading.Event()
 
     def body(k, part):
         if k == 0:
-            raise RuntimeError("part 0 failed")
+            raise RuntimeError("slice 0 failed")
         time.sleep(0.2)
         finished.set()
 
-    with pytest.raises(RuntimeError, match="part 0 failed"):
-        split_module.run_parts([slice(0, 1), slice(1, 2)], body)
-    assert finished.is_set()  # the other part was waited for, not abandoned
+    with pytest.raises(RuntimeError, match="slice 0 failed"):
+        split_module.run_slices([slice(0, 1), slice(1, 2)], body)
+    assert finished.is_set()  # the other slice was waited for, not abandoned
 
     def fails_in_worker(k, part):
         if k == 1:
-            raise ValueError("part 1 failed")
+            raise ValueError("slice 1 failed")
         return k
 
-    with pytest.raises(ValueError, match="part 1 failed"):
-        split_module.run_parts([slice(0, 1), slice(1, 2)], fails_in_worker)
+    with pytest.raises(ValueError, match="slice 1 failed"):
+        split_module.run_slices([slice(0, 1), slice(1, 2)], fails_in_worker)
 
 
 def test_no_split_on_cupy(backend):
     if not backend.is_gpu:
         pytest.skip("checks the CuPy policy")
-    assert split_module.batch_parts(backend.xp, 4096) == [slice(0, 4096)]
+    assert split_module.batch_slices(backend.xp, 4096, 64) == [slice(0, 4096)]
 
 
 def test_label_count_is_checked_for_the_whole_batch(split_in_three, rng):

@@ -25,7 +25,7 @@ from gpucnn import (  # noqa: E402
     Tanh,
 )
 from gpucnn.array.backend import to_host  # noqa: E402
-from gpucnn.array.threads import MIN_PART_SAMPLES  # noqa: E402
+from gpucnn.array.threads import settings  # noqa: E402
 
 
 def torch_forward(model, x, params):
@@ -109,7 +109,7 @@ NETS = {
         (2, 10, 9),
     ),
 }
-BATCH = {"overlap_max_uneven_pad_split": 2 * MIN_PART_SAMPLES + 3}
+BATCH = {"overlap_max_uneven_pad_split": 2 * settings().min_thread_slice + 3}
 
 
 @pytest.mark.parametrize("name", list(NETS))

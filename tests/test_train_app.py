@@ -287,6 +287,16 @@ def test_bad_data_or_value_is_one_clear_line(tmp_path, overrides, message):
     )
 
 
+def test_a_bad_thread_setting_is_one_line_before_any_run(tmp_path):
+    result = train(tmp_path, "experiment=digits", *TINY, env={"GPUCNN_BATCH_THREADS": "many"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "gpucnn.train: error: GPUCNN_BATCH_THREADS='many' is not an integer; allowed: a "
+        "number of threads >= 1 (1 turns it off)"
+    )
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
 def test_existing_runs_survive_a_failing_run(digits_run):
     cwd, _ = digits_run
     before = {r.info.run_id: r.info.status for r in all_runs(client_for(cwd))}

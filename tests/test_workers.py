@@ -21,20 +21,22 @@ from gpucnn.parallel import workers
 from tests.test_split import build, train_split_and_whole
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
-pytestmark = pytest.mark.skipif(not workers.ENABLED, reason="worker processes need POSIX")
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="worker processes need POSIX")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def two_parts(monkeypatch):
+def two_slices():
     """Any batch of 2 * 32 or more samples goes half to one worker process, whatever this
-    machine's core count; workers are put back on and shut down afterwards."""
-    monkeypatch.setattr(threads, "BATCH_THREADS", 2)
-    monkeypatch.setattr(workers, "_STATE", {"broken": None, "pid": None})
-    threads._blas_controller()
-    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+    machine's core count or environment; workers start clean and are shut down after."""
+    workers.reset()
+    threads.blas_controller()
+    with (
+        threads.configured(batch_slices=2, worker_processes=True),
+        threadpoolctl.threadpool_limits(limits=2, user_api="blas"),
+    ):
         yield
-    workers.shutdown()
+    workers.reset()
 
 
 def unsplit(model, x, labels):
@@ -71,7 +73,7 @@ def step(model, x, labels):
 
 
 @pytest.mark.parametrize("head", ["logistic", "softmax"])
-def test_worker_slices_equal_the_unsplit_batch(head, two_parts, monkeypatch, rng):
+def test_worker_slices_equal_the_unsplit_batch(head, two_slices, monkeypatch, rng):
     x = rng.standard_normal((71, 3, 9, 9))  # 38 here (1/16 more than half), 33 there
     labels = rng.integers(0, 2 if head == "logistic" else 3, 71)
     split, whole = BatchSplit(build(head)), build(head)
@@ -85,13 +87,13 @@ def test_worker_slices_equal_the_unsplit_batch(head, two_parts, monkeypatch, rng
             np.testing.assert_allclose(value, whole.layer(layer.name).grads[key], rtol=1e-10)
 
 
-def test_training_with_workers_matches_unsplit(two_parts, monkeypatch, rng):
+def test_training_with_workers_matches_unsplit(two_slices, monkeypatch, rng):
     """Every step's parameters reach the worker: after training, the weights agree."""
     split, _ = train_split_and_whole(monkeypatch, rng, n=200, held_out=70, batch_size=100)
     assert split.remote_slices == 1  # the last loss (the held-out 70) went to a worker too
 
 
-def test_forward_only_calls_between_steps_stay_exact(two_parts, monkeypatch, rng):
+def test_forward_only_calls_between_steps_stay_exact(two_slices, monkeypatch, rng):
     """A worker computes a slice's gradients ahead in training, and stops doing so when
     forwards come without backward (evaluation); either way backward is right."""
     x = rng.standard_normal((64, 3, 9, 9))
@@ -104,7 +106,7 @@ def test_forward_only_calls_between_steps_stay_exact(two_parts, monkeypatch, rng
     assert_same(result, unsplit(whole, x, labels))
 
 
-def test_two_models_share_a_worker(two_parts, monkeypatch, rng):
+def test_two_models_share_a_worker(two_slices, monkeypatch, rng):
     x = rng.standard_normal((64, 3, 9, 9))
     labels = rng.integers(0, 3, 64)
     first, second = BatchSplit(build("softmax")), BatchSplit(build("softmax"))
@@ -122,7 +124,7 @@ def test_two_models_share_a_worker(two_parts, monkeypatch, rng):
     assert_same(second_result, unsplit(reference, x, labels))
 
 
-def test_a_copy_gets_its_own_slot(two_parts, rng):
+def test_a_copy_gets_its_own_slot(two_slices, rng):
     """A deep copy of a BatchSplit carries the original's slot key in its __dict__ but
     holds another model: it must not be served the original's copy in the worker."""
     x = rng.standard_normal((64, 3, 9, 9))
@@ -142,7 +144,7 @@ def test_a_copy_gets_its_own_slot(two_parts, rng):
     assert_same(twin_result, unsplit(reference, x, labels))
 
 
-def test_backward_after_the_worker_dropped_the_model_says_what_to_do(two_parts, rng):
+def test_backward_after_the_worker_dropped_the_model_says_what_to_do(two_slices, rng):
     x = rng.standard_normal((64, 3, 9, 9))
     labels = rng.integers(0, 3, 64)
     first = BatchSplit(build("softmax"))
@@ -155,7 +157,7 @@ def test_backward_after_the_worker_dropped_the_model_says_what_to_do(two_parts, 
     assert workers.usable()
 
 
-def test_a_reply_left_unread_is_dropped_before_the_next_request(two_parts, monkeypatch, rng):
+def test_a_reply_left_unread_is_dropped_before_the_next_request(two_slices, monkeypatch, rng):
     """As after Ctrl-C between sending a slice and reading its answer."""
     x, labels, split, whole, worker = after_one_step(rng)
     workers.send_forward(worker, split, split.model, x[32:] * 2, labels[32:])  # never read
@@ -164,7 +166,7 @@ def test_a_reply_left_unread_is_dropped_before_the_next_request(two_parts, monke
     assert worker.unread == 0
 
 
-def test_an_error_in_a_worker_is_raised_here_with_its_message(two_parts, rng):
+def test_an_error_in_a_worker_is_raised_here_with_its_message(two_slices, rng):
     split = BatchSplit(build("softmax"))
     split.loss(rng.standard_normal((64, 3, 9, 9)), rng.integers(0, 3, 64))
     (worker,) = workers.running(split.remote_slices)
@@ -173,7 +175,7 @@ def test_an_error_in_a_worker_is_raised_here_with_its_message(two_parts, rng):
         worker.receive()
 
 
-def test_a_dead_worker_hands_over_to_threads(two_parts, monkeypatch, rng):
+def test_a_dead_worker_hands_over_to_threads(two_slices, monkeypatch, rng):
     x, labels, split, whole, worker = after_one_step(rng)
     os.kill(worker.process.pid, signal.SIGKILL)
     worker.process.wait()
@@ -184,7 +186,7 @@ def test_a_dead_worker_hands_over_to_threads(two_parts, monkeypatch, rng):
     assert_same(result, unsplit(whole, x, labels))
 
 
-def test_a_worker_that_cannot_start_hands_over_to_threads(two_parts, monkeypatch, rng):
+def test_a_worker_that_cannot_start_hands_over_to_threads(two_slices, monkeypatch, rng):
     monkeypatch.setattr(workers, "_CHILD_MAIN", "import sys; sys.exit(3)")
     x = rng.standard_normal((64, 3, 9, 9))
     labels = rng.integers(0, 3, 64)
@@ -195,7 +197,7 @@ def test_a_worker_that_cannot_start_hands_over_to_threads(two_parts, monkeypatch
     assert_same(result, unsplit(whole, x, labels))
 
 
-def test_a_worker_that_dies_between_forward_and_backward_is_an_error(two_parts, rng):
+def test_a_worker_that_dies_between_forward_and_backward_is_an_error(two_slices, rng):
     split = BatchSplit(build("softmax"))
     split.loss(rng.standard_normal((64, 3, 9, 9)), rng.integers(0, 3, 64))
     (worker,) = workers.running(split.remote_slices)
@@ -265,17 +267,17 @@ def test_gpucnn_batch_processes_0_keeps_to_threads():
 
 def test_a_worker_gets_the_blas_threads_of_its_slice(monkeypatch):
     """On many cores each slice, here and in the worker, gets an even share."""
-    monkeypatch.setattr(threads, "CPUS", 16)
     created = []
-    monkeypatch.setattr(workers, "Worker", lambda threads: created.append(threads) or threads)
+    monkeypatch.setattr(workers, "Worker", lambda count: created.append(count) or count)
     monkeypatch.setattr(workers, "_POOL", [])
     monkeypatch.setattr(workers, "_STATE", {"broken": None, "pid": None})
-    with threadpoolctl.threadpool_limits(limits=16, user_api="blas"):
-        assert threads.blas_threads_per_part(2) == 8
-        assert workers.pool(1) == [8] and created == [8]
-    with threadpoolctl.threadpool_limits(limits=6, user_api="blas"):  # the user's limit
-        assert threads.blas_threads_per_part(2) == 6
-        assert threads.blas_threads_per_part(4) == 4
+    with threads.configured(cpus=16):
+        with threadpoolctl.threadpool_limits(limits=16, user_api="blas"):
+            assert threads.blas_threads_per_slice(2) == 8
+            assert workers.pool(1) == [8] and created == [8]
+        with threadpoolctl.threadpool_limits(limits=6, user_api="blas"):  # the user's limit
+            assert threads.blas_threads_per_slice(2) == 6
+            assert threads.blas_threads_per_slice(4) == 4
 
 
 def test_the_blas_share_reaches_the_workers_environment(monkeypatch):

@@ -25,7 +25,7 @@ share of the cores, there is one slice and the wrapper is the model.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from typing import Any, TypeVar
 
 from gpucnn.array import threads
@@ -34,6 +34,11 @@ from gpucnn.nn.model import Sequential
 from gpucnn.parallel import workers
 
 T = TypeVar("T")
+# This process takes 1/16 more samples than an even share when the other slices go to
+# worker processes: it starts its slice at once, while a worker first wakes, reads the
+# request and later sends its answer. Measured on 2 cores (docs/performance.md): LeNet
+# steps at batch 64 and 256 about 10% faster than with even slices; 1/8 more was slower.
+OWN_SLICE_EXTRA = 1 / 16
 
 
 class BatchSplit:
@@ -63,10 +68,9 @@ class BatchSplit:
     def _slices_in_workers(self, n: int) -> tuple[list[slice], list[workers.Worker] | None]:
         """The slices for ``n`` samples and a worker process for each but the first, or
         (thread slices, None) where workers cannot take them."""
-        if workers.usable():  # batch_parts gives CuPy arrays one slice: no workers
-            slices = batch_parts(
-                self.model.backend.xp, n, threads.MIN_PROCESS_PART_SAMPLES, workers.LEAD
-            )
+        if workers.usable():  # batch_slices gives CuPy arrays one slice: no workers
+            min_samples = threads.settings().min_process_slice
+            slices = batch_slices(self.model.backend.xp, n, min_samples, OWN_SLICE_EXTRA)
             helpers = workers.pool(len(slices) - 1) if len(slices) > 1 else None
             if helpers is not None:
                 return slices, helpers
@@ -75,7 +79,7 @@ class BatchSplit:
     def _slices_in_threads(self, n: int) -> list[slice]:
         """The slices for ``n`` samples, with a replica of the model ready for each but
         the first (made here, on the calling thread, never inside a slice)."""
-        slices = batch_parts(self.model.backend.xp, n)
+        slices = batch_slices(self.model.backend.xp, n, threads.settings().min_thread_slice)
         while len(self._replicas) < len(slices) - 1:
             self._replicas.append(self.model.replica())
         return slices
@@ -89,7 +93,7 @@ class BatchSplit:
         """The head's input for a batch, computed in thread slices."""
         x = self.model.prepare_input(x)
         slices = self._slices_in_threads(x.shape[0])
-        outs = run_parts(slices, lambda k, part: self._part(k).forward(x[part]))
+        outs = run_slices(slices, lambda k, part: self._part(k).forward(x[part]))
         return outs[0] if len(outs) == 1 else self.model.backend.xp.concatenate(outs)
 
     def predict_proba(self, x: Any) -> Array:
@@ -119,7 +123,7 @@ class BatchSplit:
                 workers.disable(str(err))
                 slices = self._slices_in_threads(x.shape[0])
         if results is None:
-            results = run_parts(slices, forward_part)
+            results = run_slices(slices, forward_part)
         self.slices = slices
         if len(results) == 1:
             self.last_output, value = results[0]
@@ -148,7 +152,7 @@ class BatchSplit:
         if self.remote_slices:
             results = self._backward_in_workers(workers.running(self.remote_slices), backward_part)
         else:
-            results = run_parts(self.slices, backward_part)
+            results = run_slices(self.slices, backward_part)
         if len(results) > 1:  # weighted sum into the model's own layers
             weights = slice_weights(self.slices)
             for i, layer in enumerate(model.layers):
@@ -182,7 +186,7 @@ class BatchSplit:
             net, value = helpers[k - 1].receive()
             return net, model.backend.xp.asarray(value, dtype=model.dtype)
 
-        return run_parts_remote(slices, forward_part, send, receive)
+        return run_slices_remote(slices, forward_part, send, receive)
 
     def _backward_in_workers(
         self,
@@ -199,7 +203,7 @@ class BatchSplit:
             return [{key: grads[f"{layer.name}.{key}"] for key in layer.params} for layer in layers]
 
         try:
-            return run_parts_remote(self.slices, backward_part, send, receive)
+            return run_slices_remote(self.slices, backward_part, send, receive)
         except workers.WorkerError as err:  # its slice's forward state is gone with it
             workers.disable(str(err))
             raise
@@ -210,68 +214,69 @@ def slice_weights(slices: list[slice]) -> list[float]:
     return [(part.stop - part.start) / slices[-1].stop for part in slices]
 
 
-def batch_parts(xp: Any, n: int, min_samples: int | None = None, lead: float = 0.0) -> list[slice]:
+def batch_slices(xp: Any, n: int, min_samples: int, first_extra: float = 0.0) -> list[slice]:
     """Contiguous slices of a batch of ``n`` samples, one per thread (or worker process)
-    that will run it, each of at least ``min_samples`` (default ``threads.MIN_PART_SAMPLES``).
-    The first slice gets ``lead`` (a fraction) more than an even share.
+    that will run it, each of at least ``min_samples``. The first slice gets
+    ``first_extra`` (a fraction) more than an even share.
 
-    One slice (no split) on CuPy, for small batches, inside a part already, where BLAS
+    One slice (no split) on CuPy, for small batches, inside a slice already, where BLAS
     is held to one thread, or where its threads cannot be limited (the split would
     oversubscribe the cores).
     """
-    parts = min(threads.BATCH_THREADS, n // (min_samples or threads.MIN_PART_SAMPLES))
-    blas = (
-        None if parts <= 1 or is_gpu(xp) or threads._inside_part() else threads._blas_controller()
-    )
-    if blas is not None:
-        # The BLAS thread setting is the thread budget (OPENBLAS_NUM_THREADS, or what a
-        # launcher such as joblib's gave this worker process): stay within it.
-        parts = min(parts, *(lib.num_threads for lib in blas.lib_controllers))
-    if blas is None or parts <= 1:
+    parts = min(threads.settings().batch_slices, n // min_samples)
+    if parts <= 1 or is_gpu(xp) or threads.inside_slice():
+        return [slice(0, n)]
+    blas = threads.blas_controller()
+    if blas is None:
+        return [slice(0, n)]
+    # The BLAS thread setting is the thread budget (OPENBLAS_NUM_THREADS, or what a
+    # launcher such as joblib's gave this worker process): stay within it.
+    parts = min(parts, *(lib.num_threads for lib in blas.lib_controllers))
+    if parts <= 1:
         return [slice(0, n)]
     bounds = [n * k // parts for k in range(parts + 1)]
-    if lead:
-        first = min(round(n / parts * (1 + lead)), n - parts + 1)
+    if first_extra:
+        first = min(round(n / parts * (1 + first_extra)), n - parts + 1)
         bounds = [0] + [first + (n - first) * k // (parts - 1) for k in range(parts)]
     return [slice(bounds[k], bounds[k + 1]) for k in range(parts)]
 
 
-def run_parts(parts: list[slice], body: Callable[[int, slice], T]) -> list[T]:
-    """``[body(k, parts[k]) for k ...]``, each part on its own thread when there are several.
+def run_slices(slices: list[slice], body: Callable[[int, slice], T]) -> list[T]:
+    """``[body(k, slices[k]) for k ...]``, each slice on its own thread when there are
+    several.
 
-    Part 0 runs on the calling thread. Every part has finished when this returns, also
+    Slice 0 runs on the calling thread. Every slice has finished when this returns, also
     when one of them raised (the first error is re-raised).
     """
-    if len(parts) == 1:
-        return [body(0, parts[0])]
-    if not threads._PART_EXECUTOR:
-        threads._PART_EXECUTOR.append(
-            ThreadPoolExecutor(threads.BATCH_THREADS - 1, thread_name_prefix="gpucnn-part")
-        )
-    with threads._blas_share(len(parts)):
-        futures = [
-            threads._PART_EXECUTOR[0].submit(threads._run_part, body, k, parts[k])
-            for k in range(1, len(parts))
-        ]
+    if len(slices) == 1:
+        return [body(0, slices[0])]
+    pool = threads.executor("slice", threads.settings().batch_slices - 1)
+    with threads.blas_share(len(slices)):
+        futures = [pool.submit(_run_slice, body, k, slices[k]) for k in range(1, len(slices))]
         try:
-            first = threads._run_part(body, 0, parts[0])
+            first = _run_slice(body, 0, slices[0])
         finally:
             wait(futures)
         return [first, *(future.result() for future in futures)]
 
 
-def run_parts_remote(
-    parts: list[slice],
+def run_slices_remote(
+    slices: list[slice],
     body: Callable[[int, slice], T],
     send: Callable[[int, slice], None],
     receive: Callable[[int], T],
 ) -> list[T]:
-    """Like :func:`run_parts`, with parts k >= 1 run elsewhere (worker processes):
-    ``send(k, part)`` hands each one over, part 0 runs here as ``body(0, part)``, then
+    """Like :func:`run_slices`, with slices k >= 1 run elsewhere (worker processes):
+    ``send(k, part)`` hands each one over, slice 0 runs here as ``body(0, part)``, then
     ``receive(k)`` collects the others in order. BLAS here keeps to its share of the
     cores meanwhile."""
-    with threads._blas_share(len(parts)):
-        for k in range(1, len(parts)):
-            send(k, parts[k])
-        first = threads._run_part(body, 0, parts[0])
-        return [first, *(receive(k) for k in range(1, len(parts)))]
+    with threads.blas_share(len(slices)):
+        for k in range(1, len(slices)):
+            send(k, slices[k])
+        first = _run_slice(body, 0, slices[0])
+        return [first, *(receive(k) for k in range(1, len(slices)))]
+
+
+def _run_slice(body: Callable[[int, slice], T], k: int, part: slice) -> T:
+    with threads.running_slice():
+        return body(k, part)

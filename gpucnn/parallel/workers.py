@@ -1,12 +1,14 @@
 """Worker processes that run slices of a large NumPy batch beside the calling process.
 
-Threads can split a batch too (:func:`gpucnn.parallel.split.run_parts`), but a step makes about a
-hundred NumPy calls per slice and each one needs the GIL to start. On 2 cores two
-threads reached 60-70% parallel efficiency; two processes reached 83-110%
-(docs/performance.md). So where it can, the model sends slices 1..K-1 of a batch to
-worker processes and runs slice 0 itself.
+Threads can split a batch too (:func:`gpucnn.parallel.split.run_slices`), but a step
+makes about a hundred NumPy calls per slice and each one needs the GIL to start. On 2
+cores two threads reached 60-70% parallel efficiency; two processes reached 83-110%
+(docs/performance.md). So where it can, a :class:`~gpucnn.parallel.split.BatchSplit`
+sends slices 1..K-1 of a batch to worker processes and runs slice 0 itself.
 
-Each worker is a plain ``python -c`` child that runs :func:`serve`, joined to this
+This module is the pool and the parent's side of the protocol; it never builds a model.
+Each worker is a plain ``python -c`` child that runs
+:func:`gpucnn.parallel.serve.serve`, joined to this
 process by a socket pair, not a ``multiprocessing`` child: spawn and forkserver would
 import the user's main script again in the child, which breaks every script without an
 ``if __name__ == "__main__"`` guard, and fork is unsafe once BLAS threads exist. A worker
@@ -21,7 +23,7 @@ them; the socket carries only small messages. Through the socket alone a LeNet s
 
 Only the main thread uses workers, and only on POSIX. ``GPUCNN_BATCH_PROCESSES=0``
 turns them off (threads split the batch instead). A worker that fails to start or dies
-turns them off for the rest of the process, with one warning; the model then falls back
+turns them off for the rest of the process, with one warning; the split then falls back
 to threads.
 """
 
@@ -43,17 +45,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from gpucnn.array import threads
 from gpucnn.array.backend import host_module
-from gpucnn.array.threads import blas_threads_per_part
 
-ENABLED = os.environ.get("GPUCNN_BATCH_PROCESSES", "1") != "0" and os.name == "posix"
 START_SECONDS = 60.0  # a worker must have imported gpucnn and answered within this
 MODELS_PER_WORKER = 8  # model copies a worker keeps (least recently used dropped)
-# This process takes 1/16 more samples than an even share: it starts its slice at once,
-# while a worker first wakes, reads the request and later sends its answer. Measured on
-# 2 cores (docs/performance.md): LeNet steps at batch 64 and 256 about 10% faster than
-# with even slices; 1/8 more was slower again.
-LEAD = 1 / 16
 # A worker never splits its own slice again; its BLAS threads are its share of the cores.
 _CHILD_ENV = {"GPUCNN_BATCH_PROCESSES": "0", "GPUCNN_BATCH_THREADS": "1", "GPUCNN_THREADS": "1"}
 _BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -263,7 +259,7 @@ class Layout:
 def usable() -> bool:
     """Whether batch slices may go to worker processes from the calling thread."""
     return (
-        ENABLED
+        threads.settings().worker_processes
         and _STATE["broken"] is None
         and threading.current_thread() is threading.main_thread()
     )
@@ -277,7 +273,7 @@ def pool(count: int) -> list[Worker] | None:
         _STATE["pid"] = os.getpid()
     try:
         while len(_POOL) < count:  # each as many BLAS threads as this process's slice
-            _POOL.append(Worker(blas_threads_per_part(count + 1)))
+            _POOL.append(Worker(threads.blas_threads_per_slice(count + 1)))
     except (OSError, WorkerError) as err:
         disable(f"could not start a worker process: {err}")
         return None
@@ -303,6 +299,12 @@ def disable(reason: str) -> None:
             stacklevel=3,
         )
     shutdown()
+
+
+def reset() -> None:
+    """Close every worker and forget why workers were turned off (tests start clean)."""
+    shutdown()
+    _STATE["broken"] = None
 
 
 @atexit.register
