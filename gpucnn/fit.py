@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpucnn.array.backend import Array, host_module, to_host
+from gpucnn.array.backend import Array, array_module, to_host
 from gpucnn.interrupts import raise_if_interrupted
 from gpucnn.nn.losses import LogisticLogLikelihood
 from gpucnn.nn.model import Sequential
@@ -59,7 +59,7 @@ def evaluate(
     n = len(y)
     if n == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "confusion": None}
-    model.head.check_labels(host_module().asarray(to_host(y)), model.output_shape)  # once
+    model.head.check_labels(to_host(y), model.output_shape)  # once, on the host
     labels = _labels_for(model, y)
     x = model.backend.asarray(x, model.dtype)
     total = xp.zeros((), dtype=model.dtype)
@@ -71,7 +71,7 @@ def evaluate(
     predicted = to_host(xp.concatenate(predictions))
     truth = to_host(y).astype("int64")
     classes = max(int(model.output_shape[0]), 2)
-    pairs = host_module().bincount(truth * classes + predicted, minlength=classes * classes)
+    pairs = array_module(truth).bincount(truth * classes + predicted, minlength=classes**2)
     confusion = pairs.reshape(classes, classes).tolist()  # rows: true, columns: predicted
     return {
         "loss": float(to_host(total)) / n,
@@ -136,9 +136,7 @@ def fit(
     # Once, on the host, before any step: on the GPU loss() does not look at device labels.
     for split in ("train", "val", "test"):
         try:
-            model.head.check_labels(
-                host_module().asarray(to_host(getattr(data, f"y_{split}"))), model.output_shape
-            )
+            model.head.check_labels(to_host(getattr(data, f"y_{split}")), model.output_shape)
         except ValueError as err:
             raise ValueError(f"{split} split: {err}") from None
     x_train = backend.asarray(data.x_train, model.dtype)

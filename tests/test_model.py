@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,6 +309,24 @@ def test_checkpoint_errors(tmp_path):
     np.savez(other, a=np.zeros(2))
     with pytest.raises(ValueError, match="is not a gpucnn checkpoint"):
         load_checkpoint(other)
+
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def test_a_checkpoint_from_before_the_package_layout_loads_and_trains_on(rng):
+    """Written by commit c61e7f2 (flat gpucnn/ package, before the layout of folders):
+    every layer type, Adam after 3 steps. That code's own outputs are stored beside it."""
+    model, optimizer = load_checkpoint(DATA / "checkpoint-c61e7f2.npz")
+    with np.load(DATA / "checkpoint-c61e7f2-expected.npz") as expected:
+        x, y = expected["x"], expected["y"]
+        np.testing.assert_allclose(model.forward(x), expected["forward"], rtol=1e-6, atol=1e-6)
+        loss = float(model.loss(x, y))
+        assert loss == pytest.approx(float(expected["loss"]), rel=1e-6)
+        assert optimizer.config()["type"] == "adam" and optimizer.steps == 3
+        optimizer.step(model.params, model.backward())  # Adam's moments came back too
+        after = np.concatenate([v.ravel() for v in model.params.values()])
+        np.testing.assert_allclose(after, expected["after_step"], rtol=1e-5, atol=1e-6)
 
 
 def test_save_does_not_corrupt_existing_checkpoint_on_failure(tmp_path, monkeypatch):

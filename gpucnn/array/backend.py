@@ -255,8 +255,3 @@ def to_host(x: Any) -> Any:
 def to_scalar(x: Array) -> float:
     """A Python float from a 0-d or size-1 array (synchronises on the GPU)."""
     return float(to_host(x).reshape(-1)[0])
-
-
-def host_module() -> Any:
-    """NumPy, for code at the edge (data loading, checkpoints) that works on host arrays."""
-    return numpy

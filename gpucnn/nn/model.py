@@ -17,9 +17,7 @@ parameters and gradients are addressed by name, e.g. ``"conv1.weight"``.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +26,15 @@ from gpucnn.array.backend import (
     Backend,
     array_module,
     get_backend,
-    host_module,
     is_gpu,
     resolve_dtype,
     to_host,
 )
 from gpucnn.array.im2col import nchw_to_internal
+from gpucnn.nn.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from gpucnn.nn.layers import Layer, layer_from_config
 from gpucnn.nn.losses import Head, head_from_config
 from gpucnn.nn.optim import Optimizer, make_optimizer
-
-CHECKPOINT_FORMAT = "gpucnn-checkpoint-v1"
 
 
 class Sequential:
@@ -288,6 +284,7 @@ class Sequential:
         )
 
     def save(self, path: str | os.PathLike, optimizer: Optimizer | None = None) -> Path:
+        """Write a checkpoint (see :mod:`gpucnn.nn.checkpoint`); returns its path."""
         return save_checkpoint(path, self, optimizer)
 
 
@@ -308,87 +305,36 @@ def plan_execution(layers: list[Layer]) -> list[int]:
     return order
 
 
-def save_checkpoint(
-    path: str | os.PathLike, model: Sequential, optimizer: Optimizer | None = None
-) -> Path:
-    """Write a plain ``.npz``: architecture as JSON text, host copies of all arrays.
-
-    Written to a temporary file and renamed, so an existing checkpoint is never left
-    half-written. Loads without pickle, on any backend.
-    """
-    np = host_module()
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
-    arrays: dict[str, Any] = {
-        "format": np.array(CHECKPOINT_FORMAT),
-        "architecture": np.array(json.dumps(model.config())),
-    }
-    for key, value in model.params.items():
-        arrays[f"param/{key}"] = to_host(value)
-    if optimizer is not None:
-        arrays["optimizer"] = np.array(json.dumps(optimizer.config()))
-        arrays["optimizer_steps"] = np.array(optimizer.steps)
-        for key, value in optimizer.state_dict().items():
-            arrays[f"optim/{key}"] = to_host(value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def load_checkpoint(
     path: str | os.PathLike, backend: str | Backend = "numpy"
 ) -> tuple[Sequential, Optimizer | None]:
-    """Rebuild the model (and optimizer, if saved) from :func:`save_checkpoint` output."""
-    np = host_module()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            contents = {key: data[key] for key in data.files}
-    except Exception as err:
-        raise ValueError(f"checkpoint {str(path)!r} is not a readable .npz file: {err}") from err
-    if str(contents.get("format", "")) != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a gpucnn checkpoint ({CHECKPOINT_FORMAT})")
+    """Rebuild the model (and optimizer, if saved) from a checkpoint file
+    (:mod:`gpucnn.nn.checkpoint`), on ``backend``."""
+    checkpoint = read_checkpoint(path)
     backend = get_backend(backend)  # its own errors are not the checkpoint's
     try:
-        return _rebuild(contents, backend)
-    except (KeyError, TypeError, ValueError) as err:
-        problem = f"missing entry {err}" if isinstance(err, KeyError) else str(err)
-        raise ValueError(f"checkpoint {str(path)!r} is damaged: {problem}") from err
+        return _rebuild(checkpoint, backend)
+    except KeyError as err:
+        raise checkpoint.damaged(f"missing entry {err}") from err
+    except (TypeError, ValueError) as err:
+        raise checkpoint.damaged(str(err)) from err
 
 
-def _rebuild(contents: dict[str, Any], backend: Backend) -> tuple[Sequential, Optimizer | None]:
-    """Model and optimizer from a checkpoint's arrays; KeyError/ValueError where damaged."""
-    model = Sequential.from_config(json.loads(str(contents["architecture"])), backend)
-    expected = set(model.params)
-    stored = {k[len("param/") :] for k in contents if k.startswith("param/")}
+def _rebuild(checkpoint: Checkpoint, backend: Backend) -> tuple[Sequential, Optimizer | None]:
+    """Model and optimizer from a checkpoint; KeyError/TypeError/ValueError where the
+    parts do not fit together."""
+    model = Sequential.from_config(checkpoint.architecture, backend)
+    expected, stored = set(model.params), set(checkpoint.params)
     if stored != expected:
         raise ValueError(
             f"its architecture needs parameters {sorted(expected)}; missing "
             f"{sorted(expected - stored)}, unexpected {sorted(stored - expected)}"
         )
-    for key in sorted(expected):
-        value = contents[f"param/{key}"]
-        if value.dtype.kind not in "biuf" or not host_module().isfinite(value).all():
-            raise ValueError(f"{key} holds non-numeric, NaN or infinite values")
-    model.set_params({key: contents[f"param/{key}"] for key in expected})
+    model.set_params(checkpoint.params)
     optimizer = None
-    if "optimizer" in contents:
-        options = json.loads(str(contents["optimizer"]))
+    if checkpoint.optimizer is not None:
+        options = dict(checkpoint.optimizer)
         optimizer = make_optimizer(options.pop("type"), **options)
-        state = {
-            k[len("optim/") :]: model.backend.asarray(v)
-            for k, v in contents.items()
-            if k.startswith("optim/")
-        }
-        optimizer.load_state_dict(state, int(contents["optimizer_steps"]))
+        state = {k: model.backend.asarray(v) for k, v in checkpoint.optimizer_state.items()}
+        optimizer.load_state_dict(state, checkpoint.optimizer_steps)
     return model, optimizer

@@ -45,8 +45,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import numpy as np  # the shared files hold host arrays: workers serve NumPy only
+
 from gpucnn.array import threads
-from gpucnn.array.backend import host_module
 
 START_SECONDS = 60.0  # a worker must have imported gpucnn and answered within this
 MODELS_PER_WORKER = 8  # model copies a worker keeps (least recently used dropped)
@@ -224,7 +225,6 @@ class SharedFile:
 
     def view(self, spec: Spec) -> Any:
         offset, shape, dtype = spec
-        np = host_module()
         return np.ndarray(shape, dtype=np.dtype(dtype), buffer=self.map, offset=offset)
 
     def views(self, specs: dict[str, Spec]) -> dict[str, Any]:
@@ -249,7 +249,6 @@ class Layout:
         self.end = 0
 
     def place(self, shape: tuple[int, ...], dtype: Any) -> Spec:
-        np = host_module()
         dtype = np.dtype(dtype)
         offset = self.end
         self.end = -(-(offset + math.prod(shape) * dtype.itemsize) // ALIGN) * ALIGN
