@@ -131,7 +131,7 @@ def step_flops(model: Sequential, batch: int) -> float:
     """2 x multiply-adds of conv and dense layers, forward + backward."""
     total, first = 0.0, True
     for layer in model.layers:
-        if layer.kind == "conv":
+        if layer.type == "conv":
             p, oh, ow = layer.out_shape
             macs = (
                 batch
@@ -142,7 +142,7 @@ def step_flops(model: Sequential, batch: int) -> float:
                 * layer.kernel_size[0]
                 * layer.kernel_size[1]
             )
-        elif layer.kind == "dense":
+        elif layer.type == "dense":
             macs = batch * layer.in_features * layer.out_features
         else:
             continue
@@ -179,20 +179,20 @@ def torch_engine(net: Net, device: str):
     modules: list[nn.Module] = []
     channels, h, w = net.input_shape
     for layer in net.layers():
-        if layer.kind == "conv":
+        if layer.type == "conv":
             kh, kw = layer.kernel_size
             pad = (kh // 2, kw // 2) if layer.padding == "same" else 0
             modules.append(
                 nn.Conv2d(channels, layer.out_channels, (kh, kw), padding=pad, bias=layer.bias)
             )
             channels = layer.out_channels
-        elif layer.kind == "pool":
+        elif layer.type == "pool":
             modules.append(nn.MaxPool2d(layer.window, layer.stride))
-        elif layer.kind == "relu":
+        elif layer.type == "relu":
             modules.append(nn.ReLU())
-        elif layer.kind == "flatten":
+        elif layer.type == "flatten":
             modules.append(nn.Flatten())
-        elif layer.kind == "dense":
+        elif layer.type == "dense":
             modules.append(nn.LazyLinear(layer.out_features, bias=layer.bias))
     model = nn.Sequential(*modules).to(device)
     x = torch.randn(net.batch, *net.input_shape, device=device)

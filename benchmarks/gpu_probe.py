@@ -104,7 +104,7 @@ def conv_layer_rates(name: str) -> None:
         layer = model.layers[index]
         x = h
         h = layer._forward(x)
-        if layer.kind != "conv":
+        if layer.type != "conv":
             continue
         p, oh, ow = layer.out_shape
         macs = (

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image, ImageDraw
 
 from gpucnn.array.backend import to_host
-from gpucnn.config import plain
+from gpucnn.config import to_containers
 from gpucnn.data import seed_patterns
 from gpucnn.fit import fit
 from gpucnn.train import CONF_DIR, prepare
@@ -29,7 +29,7 @@ def tile(array: np.ndarray, scale: int = 8) -> Image.Image:
 
 def seed_20x20() -> float:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = plain(
+        cfg = to_containers(
             compose(config_name="config", overrides=["experiment=seed_20x20", "backend=numpy"])
         )
     _, data, model, optimizer = prepare(cfg)

@@ -177,7 +177,7 @@ def _unknown_keys(value: Any, schema: Any, path: str) -> list[tuple[str, list[st
     return found
 
 
-def plain(cfg: Any) -> Any:
+def to_containers(cfg: Any) -> Any:
     """A DictConfig as plain Python containers, enums as their names."""
     if isinstance(cfg, (DictConfig,)) or OmegaConf.is_list(cfg):
         return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -231,7 +231,7 @@ def _log_kernels(
     if not every or (epoch % every and not final):
         return
     for layer in model.layers:
-        if layer.kind == "conv":
+        if layer.type == "conv":
             weight = to_host(layer.params["weight"])
             tracker.log_image(f"kernels/{layer.name}", kernel_grid(weight), step=epoch)
 

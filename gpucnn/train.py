@@ -28,8 +28,8 @@ from gpucnn.config import (
     build_model,
     build_optimizer,
     check_known_keys,
-    plain,
     register_configs,
+    to_containers,
 )
 from gpucnn.data import DataError, Dataset, load_data
 from gpucnn.fit import DivergedError, check_trainer_settings, fit
@@ -97,7 +97,7 @@ def run(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     launch_dir = hydra_cfg.runtime.cwd
     output_dir = Path(hydra_cfg.runtime.output_dir)
-    config = plain(cfg)
+    config = to_containers(cfg)
     backend, dataset, model, optimizer = prepare(config)
 
     uri, artifacts = resolve_store(config["tracking"]["uri"], launch_dir)
@@ -156,7 +156,7 @@ def run(cfg: DictConfig) -> float:
             np.savetxt(output_dir / "confusion_matrix.csv", confusion, fmt="%d", delimiter=",")
             tracker.log_file(output_dir / "confusion_matrix.csv")
             for layer in model.layers:
-                if layer.kind == "conv":
+                if layer.type == "conv":
                     tracker.log_array(f"{layer.name}.npy", to_host(layer.params["weight"]))
             checkpoint = save_checkpoint(output_dir / "model.npz", model, optimizer)
             tracker.log_file(checkpoint, "checkpoint")

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.errors import ConfigCompositionException  # noqa: E402
 from omegaconf.errors import ValidationError  # noqa: E402
 
-from gpucnn.config import plain  # noqa: E402
+from gpucnn.config import to_containers  # noqa: E402
 from gpucnn.data import write_idx  # noqa: E402
 from gpucnn.train import CONF_DIR, prepare  # noqa: E402
 
@@ -66,9 +66,9 @@ def test_model_and_optimizer_configs_build(model, optimizer, data_files):
     overrides = [f"model={model}", f"optimizer={optimizer}", "backend=numpy", *MODEL_DATA[model]]
     if "data=idx" in overrides:
         overrides.append(f"data.path={data_files}")
-    backend, dataset, built, opt = prepare(plain(composed(overrides)))
+    backend, dataset, built, opt = prepare(to_containers(composed(overrides)))
     assert built.input_shape == dataset.input_shape
-    assert opt.kind == optimizer
+    assert opt.type == optimizer
     out = built.forward(dataset.x_train[:3])
     assert out.shape[0] == 3
 
@@ -80,13 +80,13 @@ def test_data_configs_build(data, data_files):
     overrides = [f"data={data}", "backend=numpy", *path.get(data, [])]
     if data in ("idx", "npz"):
         model = "lenet"
-    _, dataset, _, _ = prepare(plain(composed([f"model={model}", *overrides])))
+    _, dataset, _, _ = prepare(to_containers(composed([f"model={model}", *overrides])))
     assert len(dataset.y_train) > 0 and len(dataset.y_test) > 0
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiments_build(experiment):
-    cfg = plain(composed([f"experiment={experiment}", "backend=numpy"]))
+    cfg = to_containers(composed([f"experiment={experiment}", "backend=numpy"]))
     prepare(cfg)
     if experiment == "seed_20x20":  # the lecture's run: 1000 iterations, eta 0.1, L2 0.1
         assert cfg["optimizer"] == {**cfg["optimizer"], "name": "ascent", "lr": 0.1}
@@ -127,7 +127,7 @@ def test_schema_rejects_unknown_keys(override):
 )
 def test_keys_added_with_plus_are_rejected_before_anything_is_built(override, key):
     # Hydra composes these without complaint: the schema has no say over '+' additions.
-    config = plain(composed(["experiment=digits", override]))
+    config = to_containers(composed(["experiment=digits", override]))
     with pytest.raises(ValueError, match=f"^unknown config key '{re.escape(key)}' "):
         prepare(config)
 
@@ -136,7 +136,7 @@ def test_logistic_model_on_multiclass_data_is_a_clear_error():
     with pytest.raises(
         ValueError, match="logistic \\(binary\\) head but data 'digits' has 10 classes"
     ):
-        prepare(plain(composed(["model=seed_8x8", "data=digits", "backend=numpy"])))
+        prepare(to_containers(composed(["model=seed_8x8", "data=digits", "backend=numpy"])))
 
 
 def test_every_config_file_ships_in_the_wheel():
@@ -159,7 +159,9 @@ def test_every_config_file_ships_in_the_wheel():
 def test_benchmark_nets_are_the_presets(preset, net, data_files, bench):
     """docs/performance.md says the benchmark times the presets: keep that true."""
     data = ["data=digits"] if preset == "small_cnn" else ["data=idx", f"data.path={data_files}"]
-    _, dataset, built, _ = prepare(plain(composed([f"model={preset}", "backend=numpy", *data])))
+    _, dataset, built, _ = prepare(
+        to_containers(composed([f"model={preset}", "backend=numpy", *data]))
+    )
     timed = bench.build_gpucnn(bench.NETS[net], "numpy")
     assert timed.input_shape == built.input_shape
     assert [layer.config() for layer in timed.layers] == [layer.config() for layer in built.layers]

@@ -32,36 +32,36 @@ def torch_forward(model, x, params):
     """The same network written with torch ops, from gpucnn's own layer settings."""
     h = x
     for layer in model.layers:
-        if layer.kind == "conv":
+        if layer.type == "conv":
             w = params[f"{layer.name}.weight"]
             if layer.mode == "convolution":
                 w = torch.flip(w, dims=(2, 3))  # torch's conv2d is cross-correlation
             top, bottom, left, right = layer.pads
             h = F.pad(h, (left, right, top, bottom))
             h = F.conv2d(h, w, params.get(f"{layer.name}.bias"), stride=layer.stride)
-        elif layer.kind == "pool":
-            if layer.pool_kind == "max":
+        elif layer.type == "pool":
+            if layer.kind == "max":
                 h = F.max_pool2d(h, layer.window, layer.stride)
-            elif layer.pool_kind == "avg":
+            elif layer.kind == "avg":
                 h = F.avg_pool2d(h, layer.window, layer.stride)
             else:
                 h = torch.sqrt(
                     F.avg_pool2d(h * h, layer.window, layer.stride)
                     * (layer.window[0] * layer.window[1])
                 )
-        elif layer.kind == "flatten":
+        elif layer.type == "flatten":
             # column-major: each sample's (C, H, W) read first index fastest
             h = (
                 h.permute(0, 3, 2, 1).reshape(h.shape[0], -1)
                 if layer.order == "F"
                 else h.flatten(1)
             )
-        elif layer.kind == "dense":
+        elif layer.type == "dense":
             h = h @ params[f"{layer.name}.weight"]
             if f"{layer.name}.bias" in params:
                 h = h + params[f"{layer.name}.bias"]
         else:
-            h = {"relu": torch.relu, "tanh": torch.tanh, "logistic": torch.sigmoid}[layer.kind](h)
+            h = {"relu": torch.relu, "tanh": torch.tanh, "logistic": torch.sigmoid}[layer.type](h)
     return h
 
 

@@ -39,7 +39,7 @@ def window_slices(
     )
 
 
-def _offsets(window: tuple[int, int]) -> list[tuple[int, int]]:
+def window_offsets(window: tuple[int, int]) -> list[tuple[int, int]]:
     return [(i, j) for i in range(window[0]) for j in range(window[1])]
 
 

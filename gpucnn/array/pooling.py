@@ -9,7 +9,7 @@ from typing import Any
 
 from gpucnn.array import cuda_kernels
 from gpucnn.array.backend import Array, array_module, is_gpu
-from gpucnn.array.im2col import _offsets, window_slices
+from gpucnn.array.im2col import window_offsets, window_slices
 from gpucnn.array.threads import parallel_for
 
 
@@ -33,7 +33,7 @@ def max_pool(
     if _small_tiling(x.shape, window, stride, out_hw):
         best = _tiles(x, window).max(axis=(2, 4))
         return best, (x, best)
-    offsets = _offsets(window)
+    offsets = window_offsets(window)
     out = xp.empty((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
 
     def body(ch: slice) -> None:
@@ -66,7 +66,7 @@ def max_pool_backward(
     def routed(ch: slice) -> None:
         part, top, grad, target = x[ch], best[ch], grad_out[ch], grad_in[ch]
         taken = xp.zeros(top.shape, dtype=bool)
-        for i, j in _offsets(window):
+        for i, j in window_offsets(window):
             sl = window_slices(i, j, *out_hw, *stride)
             hit = part[sl] == top
             hit &= ~taken
@@ -120,7 +120,7 @@ def _keep_first_hits(hit: Array, window: tuple[int, int]) -> None:
     """Clear, in place, every hit after the first of its window (row-major window order);
     ``hit`` is a (C, OH, QH, OW, QW, N) mask."""
     taken = hit[:, :, 0, :, 0, :].copy()
-    for i, j in _offsets(window)[1:]:
+    for i, j in window_offsets(window)[1:]:
         entry = hit[:, :, i, :, j, :]
         entry &= ~taken
         taken |= entry
@@ -158,7 +158,7 @@ def sum_pool(
 
     def body(ch: slice) -> None:
         part, total = x[ch], out[ch]
-        for i, j in _offsets(window):
+        for i, j in window_offsets(window):
             values = part[window_slices(i, j, *out_hw, *stride)]
             total += values * values if square else values
 
@@ -184,7 +184,7 @@ def spread_pool_grad(
 
     def body(ch: slice) -> None:
         grad, target = grad_window[ch], grad_in[ch]
-        for i, j in _offsets(window):
+        for i, j in window_offsets(window):
             sl = window_slices(i, j, *out_hw, *stride)
             target[sl] += grad if x is None else grad * x[ch][sl]
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gpucnn.data.builtin import make_seed_20x20
-from gpucnn.data.dataset import DataError, Dataset, _as_labels, _test_split, build_dataset
+from gpucnn.data.dataset import DataError, Dataset, as_labels, build_dataset, split_off_test
 from gpucnn.data.formats import load_idx_dir, load_npz
 
 DATASETS = ("seed_20x20", "digits", "idx", "npz")
@@ -55,7 +55,7 @@ def load_dataset(
 
         digits = load_digits()
         x, y = digits.images.astype(np.float32), digits.target
-        rest, test = _test_split(y, test_fraction, seed)
+        rest, test = split_off_test(y, test_fraction, seed)
         return build_dataset(
             name, x[rest], y[rest], x[test], y[test], val_fraction, seed + 1, normalize=normalize
         )
@@ -65,7 +65,7 @@ def load_dataset(
         )
     arrays: dict[str, Any] = load_idx_dir(path) if name == "idx" else load_npz(path)
     if "x_train" not in arrays:
-        rest, test = _test_split(_as_labels(arrays["y"], f"{path} y"), test_fraction, seed)
+        rest, test = split_off_test(as_labels(arrays["y"], f"{path} y"), test_fraction, seed)
         arrays = {
             "x_train": arrays["x"][rest],
             "y_train": arrays["y"][rest],

@@ -48,7 +48,7 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return rng.permutation(rest), held_out
 
 
-def _test_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_off_test(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (rest, test) of a stratified split; the test part must not come out empty."""
     rest, test = stratified_split(y, fraction, seed)
     if len(test) == 0:
@@ -59,7 +59,7 @@ def _test_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, 
     return rest, test
 
 
-def _as_images(x: np.ndarray, where: str) -> np.ndarray:
+def as_images(x: np.ndarray, where: str) -> np.ndarray:
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
@@ -73,7 +73,7 @@ def _as_images(x: np.ndarray, where: str) -> np.ndarray:
     return x
 
 
-def _as_labels(y: np.ndarray, where: str) -> np.ndarray:
+def as_labels(y: np.ndarray, where: str) -> np.ndarray:
     y = np.asarray(y).reshape(-1)
     if y.size and (not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0):
         raise DataError(f"{where}: labels must be non-negative integers")
@@ -92,14 +92,14 @@ def build_dataset(
     y_val: np.ndarray | None = None,
     normalize: bool = True,
 ) -> Dataset:
-    x_train, x_test = _as_images(x_train, f"{name} x_train"), _as_images(x_test, f"{name} x_test")
-    y_train, y_test = _as_labels(y_train, f"{name} y_train"), _as_labels(y_test, f"{name} y_test")
+    x_train, x_test = as_images(x_train, f"{name} x_train"), as_images(x_test, f"{name} x_test")
+    y_train, y_test = as_labels(y_train, f"{name} y_train"), as_labels(y_test, f"{name} y_test")
     if x_val is None:
         rest, held = stratified_split(y_train, val_fraction, seed)
         x_val, y_val = x_train[held], y_train[held]
         x_train, y_train = x_train[rest], y_train[rest]
     else:
-        x_val, y_val = _as_images(x_val, f"{name} x_val"), _as_labels(y_val, f"{name} y_val")
+        x_val, y_val = as_images(x_val, f"{name} x_val"), as_labels(y_val, f"{name} y_val")
     if len(y_train) == 0:
         raise DataError(f"{name}: the training split is empty")
     if len(y_test) == 0:

@@ -69,7 +69,7 @@ def _choice(value: Any, allowed: Any, what: str) -> Any:
 class Layer:
     """Base class. ``image_in``/``image_out`` say whether the input/output is an image."""
 
-    kind = "layer"
+    type = "layer"  # the name in LAYER_TYPES and the "type" of the layer's config
     image_in = False
     image_out = False
     elementwise = False  # layout-agnostic (activations): works on images and vectors alike
@@ -112,7 +112,7 @@ class Layer:
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, enough to rebuild the layer (used by checkpoints)."""
-        return {"type": self.kind, "name": self.name}
+        return {"type": self.type, "name": self.name}
 
     def set_param(self, key: str, value: Array) -> None:
         """Replace parameter ``key`` in place, checking the shape."""
@@ -174,7 +174,7 @@ class Conv2D(Layer):
     Weight shape (P, C, KH, KW); bias shape (P,).
     """
 
-    kind = "conv"
+    type = "conv"
     image_in = True
     image_out = True
 
@@ -312,7 +312,7 @@ class Pool2D(Layer):
     'avg'. Output size floor((D - Q) / S) + 1 in each axis.
     """
 
-    kind = "pool"
+    type = "pool"
     image_in = True
     image_out = True
 
@@ -324,7 +324,7 @@ class Pool2D(Layer):
         name: str | None = None,
     ) -> None:
         super().__init__(name)
-        self.pool_kind = _choice(kind, POOL_KINDS, "pool kind")
+        self.kind = _choice(kind, POOL_KINDS, "pool kind")
         self.window = _pair(window, "pool window")
         self.stride = self.window if stride is None else _pair(stride, "pool stride")
         self._cache: tuple[Any, ...] | None = None
@@ -342,12 +342,12 @@ class Pool2D(Layer):
     def _forward(self, x: Array) -> Array:
         xp = array_module(x)
         out_hw = self.out_shape[1:]
-        if self.pool_kind == "max":
+        if self.kind == "max":
             best, saved = max_pool(x, self.window, self.stride, out_hw)
             self._cache = saved
             return best
-        total = sum_pool(x, self.window, self.stride, out_hw, square=self.pool_kind == "l2")
-        if self.pool_kind == "avg":
+        total = sum_pool(x, self.window, self.stride, out_hw, square=self.kind == "l2")
+        if self.kind == "avg":
             self._cache = (x.shape,)
             return total * (1.0 / (self.window[0] * self.window[1]))
         norm = xp.sqrt(total)
@@ -358,9 +358,9 @@ class Pool2D(Layer):
         if not need_input_grad:
             return None
         xp = array_module(grad_out)
-        if self.pool_kind == "max":
+        if self.kind == "max":
             return max_pool_backward(self._cache, grad_out, self.window, self.stride)
-        if self.pool_kind == "avg":
+        if self.kind == "avg":
             (x_shape,) = self._cache
             share = grad_out * (1.0 / (self.window[0] * self.window[1]))
             return spread_pool_grad(share, x_shape, self.window, self.stride)
@@ -373,7 +373,7 @@ class Pool2D(Layer):
     def config(self) -> dict[str, Any]:
         return {
             **super().config(),
-            "kind": self.pool_kind,
+            "kind": self.kind,
             "window": list(self.window),
             "stride": list(self.stride),
         }
@@ -403,7 +403,7 @@ class Flatten(Layer):
     ``order='C'`` (row-major) is ``z[n].flatten()``, the PyTorch convention.
     """
 
-    kind = "flatten"
+    type = "flatten"
     image_in = True
 
     def __init__(self, order: str = "F", name: str | None = None) -> None:
@@ -441,7 +441,7 @@ class Dense(Layer):
     theta = W[:, 0]. The bias is the lecture's "bias feature".
     """
 
-    kind = "dense"
+    type = "dense"
 
     def __init__(
         self,
@@ -511,7 +511,7 @@ class Activation(Layer):
 class Logistic(Activation):
     """g(z) = 1 / (1 + exp(-z)), computed as (1 + tanh(z/2)) / 2 so it never overflows."""
 
-    kind = "logistic"
+    type = "logistic"
 
     def _forward(self, x: Array) -> Array:
         y = logistic(x)
@@ -524,7 +524,7 @@ class Logistic(Activation):
 
 
 class Tanh(Activation):
-    kind = "tanh"
+    type = "tanh"
 
     def _forward(self, x: Array) -> Array:
         y = array_module(x).tanh(x)
@@ -539,7 +539,7 @@ class Tanh(Activation):
 class ReLU(Activation):
     """max(z, 0); the derivative at exactly 0 is taken as 0."""
 
-    kind = "relu"
+    type = "relu"
 
     def _forward(self, x: Array) -> Array:
         y = relu(x)
@@ -551,19 +551,20 @@ class ReLU(Activation):
 
 
 LAYER_TYPES: dict[str, type[Layer]] = {
-    cls.kind: cls for cls in (Conv2D, Pool2D, Flatten, Dense, Logistic, Tanh, ReLU)
+    cls.type: cls for cls in (Conv2D, Pool2D, Flatten, Dense, Logistic, Tanh, ReLU)
 }
 
 
 def layer_from_config(config: dict[str, Any]) -> Layer:
     """Rebuild a layer from :meth:`Layer.config` output."""
     config = dict(config)
-    kind = config.pop("type", None)
-    if kind not in LAYER_TYPES:
-        raise ValueError(f"layer type {kind!r} is not known; allowed: {', '.join(LAYER_TYPES)}")
+    layer_type = config.pop("type", None)
+    if layer_type not in LAYER_TYPES:
+        allowed = ", ".join(LAYER_TYPES)
+        raise ValueError(f"layer type {layer_type!r} is not known; allowed: {allowed}")
     for key in ("kernel_size", "stride", "window"):
         if isinstance(config.get(key), list):
             config[key] = tuple(config[key])
     if isinstance(config.get("padding"), list):
         config["padding"] = tuple(config["padding"])
-    return LAYER_TYPES[kind](**config)
+    return LAYER_TYPES[layer_type](**config)

@@ -22,7 +22,7 @@ from gpucnn.array.pointwise import logistic
 class Head:
     """A loss at the end of a network: ``forward(net, y)`` -> mean loss, ``backward()``."""
 
-    kind = "head"
+    type = "head"  # the name in HEAD_TYPES and the "type" of the head's config
 
     def check_outputs(self, out_shape: tuple[int, ...]) -> None:
         """Raise if the network's output shape cannot feed this head."""
@@ -46,7 +46,7 @@ class Head:
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
-        return {"type": self.kind}
+        return {"type": self.type}
 
 
 class LogisticLogLikelihood(Head):
@@ -58,7 +58,7 @@ class LogisticLogLikelihood(Head):
     dL/dnet = y_hat - y. Labels are 0/1 floats of shape (N,).
     """
 
-    kind = "logistic"
+    type = "logistic"
 
     def check_outputs(self, out_shape: tuple[int, ...]) -> None:
         if tuple(out_shape) != (1,):
@@ -103,7 +103,7 @@ class SoftmaxCrossEntropy(Head):
     class indices of shape (N,).
     """
 
-    kind = "softmax"
+    type = "softmax"
 
     def check_outputs(self, out_shape: tuple[int, ...]) -> None:
         if len(out_shape) != 1 or out_shape[0] < 2:
@@ -147,12 +147,12 @@ class SoftmaxCrossEntropy(Head):
 
 
 HEAD_TYPES: dict[str, type[Head]] = {
-    cls.kind: cls for cls in (LogisticLogLikelihood, SoftmaxCrossEntropy)
+    cls.type: cls for cls in (LogisticLogLikelihood, SoftmaxCrossEntropy)
 }
 
 
 def head_from_config(config: dict[str, Any] | str) -> Head:
-    kind = config if isinstance(config, str) else config.get("type")
-    if kind not in HEAD_TYPES:
-        raise ValueError(f"head {kind!r} is not known; allowed: {', '.join(HEAD_TYPES)}")
-    return HEAD_TYPES[kind]()
+    head_type = config if isinstance(config, str) else config.get("type")
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f"head {head_type!r} is not known; allowed: {', '.join(HEAD_TYPES)}")
+    return HEAD_TYPES[head_type]()

@@ -96,11 +96,11 @@ class Sequential:
         taken = {layer.name for layer in self.layers if layer.name}
         for layer in self.layers:
             if layer.name is None:
-                counts[layer.kind] = counts.get(layer.kind, 0) + 1
-                name = f"{layer.kind}{counts[layer.kind]}"
+                counts[layer.type] = counts.get(layer.type, 0) + 1
+                name = f"{layer.type}{counts[layer.type]}"
                 while name in taken:
-                    counts[layer.kind] += 1
-                    name = f"{layer.kind}{counts[layer.kind]}"
+                    counts[layer.type] += 1
+                    name = f"{layer.type}{counts[layer.type]}"
                 layer.name = name
                 taken.add(name)
         names = [layer.name for layer in self.layers]
@@ -300,7 +300,7 @@ def plan_execution(layers: list[Layer]) -> list[int]:
     order = list(range(len(layers)))
     for k in range(len(order) - 1):
         first, second = layers[order[k]], layers[order[k + 1]]
-        if first.kind == "relu" and second.kind == "pool" and second.pool_kind == "max":
+        if first.type == "relu" and second.type == "pool" and second.kind == "max":
             order[k], order[k + 1] = order[k + 1], order[k]
     return order
 

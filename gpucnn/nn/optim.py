@@ -32,7 +32,7 @@ def _fraction(value: Any, what: str) -> float:
 
 
 class Optimizer:
-    kind = "optimizer"
+    type = "optimizer"  # the name in OPTIMIZER_TYPES and the "type" of its config
 
     def __init__(self, lr: float) -> None:
         self.lr = _positive(lr, "learning rate (lr)")
@@ -58,7 +58,7 @@ class Optimizer:
         return buffers[name]
 
     def config(self) -> dict[str, Any]:
-        return {"type": self.kind, "lr": self.lr}
+        return {"type": self.type, "lr": self.lr}
 
     def state_dict(self) -> dict[str, Array]:
         """Flat name -> array map ("slot/param"), plus the step count as a 0-d entry."""
@@ -78,7 +78,7 @@ class Optimizer:
 class GradientAscent(Optimizer):
     """The lecture's gradient ascent on J: theta <- theta + lr * dJ/dtheta."""
 
-    kind = "ascent"
+    type = "ascent"
 
     def _update(self, name: str, param: Array, grad: Array) -> None:
         sgd_update(param, grad, self.lr)  # theta - lr dL/dtheta = theta + lr dJ/dtheta
@@ -87,7 +87,7 @@ class GradientAscent(Optimizer):
 class Momentum(Optimizer):
     """Heavy-ball momentum: v <- mu v - lr dL/dtheta; theta <- theta + v."""
 
-    kind = "momentum"
+    type = "momentum"
 
     def __init__(self, lr: float, momentum: float = 0.9) -> None:
         super().__init__(lr)
@@ -104,7 +104,7 @@ class Momentum(Optimizer):
 class Adam(Optimizer):
     """Adam (Kingma & Ba, 2015) with bias-corrected first and second moments."""
 
-    kind = "adam"
+    type = "adam"
 
     def __init__(
         self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8
@@ -131,12 +131,12 @@ class Adam(Optimizer):
 
 
 OPTIMIZER_TYPES: dict[str, type[Optimizer]] = {
-    cls.kind: cls for cls in (GradientAscent, Momentum, Adam)
+    cls.type: cls for cls in (GradientAscent, Momentum, Adam)
 }
 
 
-def make_optimizer(kind: str, **options: Any) -> Optimizer:
+def make_optimizer(name: str, **options: Any) -> Optimizer:
     """Build an optimizer by name ('ascent', 'momentum', 'adam')."""
-    if kind not in OPTIMIZER_TYPES:
-        raise ValueError(f"optimizer {kind!r} is not known; allowed: {', '.join(OPTIMIZER_TYPES)}")
-    return OPTIMIZER_TYPES[kind](**options)
+    if name not in OPTIMIZER_TYPES:
+        raise ValueError(f"optimizer {name!r} is not known; allowed: {', '.join(OPTIMIZER_TYPES)}")
+    return OPTIMIZER_TYPES[name](**options)

@@ -33,13 +33,13 @@ def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
     conn.send(("ok", "ready"))
     while True:
         try:
-            kind, key, config, inputs_size, inputs_at, outputs_size, grads_at = conn.recv()
+            request, key, config, inputs_size, inputs_at, outputs_size, grads_at = conn.recv()
         except (EOFError, OSError):
             return
         try:
             inputs.resize(inputs_size, grow=False)
             outputs.resize(outputs_size, grow=False)
-            if kind == "forward":
+            if request == "forward":
                 if key not in models:
                     if config is None:
                         raise KeyError(f"model {key} is not held here")
@@ -62,7 +62,7 @@ def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
                 if ahead:
                     _write_grads(model, outputs, grads_at)
                     state[key]["ready"] = True
-            elif kind == "backward":
+            elif request == "backward":
                 if key not in state:
                     raise RuntimeError(f"backward for model {key} without its forward")
                 if not state[key]["ready"]:
@@ -71,7 +71,7 @@ def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
                 state[key]["asked"] = True
                 conn.send(("ok", None))
             else:
-                raise ValueError(f"unknown request {kind!r}")
+                raise ValueError(f"unknown request {request!r}")
         except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
             conn.send(("error", f"{type(err).__name__}: {err}"))
 

@@ -33,7 +33,7 @@ METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _whole(method: F) -> F:
+def _holding_ctrl_c(method: F) -> F:
     """Run a store write with Ctrl-C held (see :func:`deferred_interrupt`)."""
 
     @functools.wraps(method)
@@ -173,7 +173,7 @@ class MlflowTracker(Tracker):
         self.run_id = run_id
         self._pending: list[Any] = []
 
-    @_whole
+    @_holding_ctrl_c
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param  # noqa: PLC0415
 
@@ -199,7 +199,7 @@ class MlflowTracker(Tracker):
         if len(self._pending) >= METRICS_PER_BATCH:
             self.flush()
 
-    @_whole
+    @_holding_ctrl_c
     def flush(self) -> None:
         while self._pending:
             chunk, self._pending = (
@@ -208,24 +208,24 @@ class MlflowTracker(Tracker):
             )
             self.client.log_batch(self.run_id, metrics=chunk)
 
-    @_whole
+    @_holding_ctrl_c
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         import mlflow  # noqa: PLC0415
 
         mlflow.log_image(image, key=key, step=int(step), synchronous=True)
 
-    @_whole
+    @_holding_ctrl_c
     def log_array(self, name: str, array: np.ndarray) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             np.save(path, array, allow_pickle=False)
             self.client.log_artifact(self.run_id, str(path), "kernels")
 
-    @_whole
+    @_holding_ctrl_c
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 
-    @_whole
+    @_holding_ctrl_c
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value)[:5000])
