@@ -10,6 +10,8 @@ override that starts with ``+`` add a key the schema lacks (``+trainer.epoch=5``
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, get_args, get_origin, get_type_hints
@@ -17,49 +19,26 @@ from typing import Any, get_args, get_origin, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from gpucnn.nn.layers import Conv2D, Dense, Flatten, Layer, Logistic, Pool2D, ReLU, Tanh
-from gpucnn.nn.losses import head_from_config
+from gpucnn.array.backend import BACKEND_NAMES, DTYPES
+from gpucnn.data import DATASETS
+from gpucnn.nn.layers import LAYER_TYPES, Layer
+from gpucnn.nn.losses import HEAD_TYPES, head_from_config
 from gpucnn.nn.model import Sequential
-from gpucnn.nn.optim import Adam, GradientAscent, Momentum, Optimizer
+from gpucnn.nn.optim import OPTIMIZER_TYPES, Optimizer
 
 
-class BackendName(Enum):
-    auto = "auto"
-    numpy = "numpy"
-    cupy = "cupy"
+def _choices(name: str, values: Iterable[str]) -> type[Enum]:
+    """An Enum of ``values`` (member name = value) for the schema: built from the engine's
+    own registries, so a new layer, head, optimizer or dataset is allowed here at once."""
+    return Enum(name, {value: value for value in values})
 
 
-class LayerType(Enum):
-    conv = "conv"
-    pool = "pool"
-    flatten = "flatten"
-    dense = "dense"
-    relu = "relu"
-    tanh = "tanh"
-    logistic = "logistic"
-
-
-class HeadName(Enum):
-    logistic = "logistic"
-    softmax = "softmax"
-
-
-class OptimizerName(Enum):
-    ascent = "ascent"
-    momentum = "momentum"
-    adam = "adam"
-
-
-class DataName(Enum):
-    seed_20x20 = "seed_20x20"
-    digits = "digits"
-    idx = "idx"
-    npz = "npz"
-
-
-class DType(Enum):
-    float32 = "float32"
-    float64 = "float64"
+BackendName = _choices("BackendName", BACKEND_NAMES)
+LayerType = _choices("LayerType", LAYER_TYPES)
+HeadName = _choices("HeadName", HEAD_TYPES)
+OptimizerName = _choices("OptimizerName", OPTIMIZER_TYPES)
+DataName = _choices("DataName", DATASETS)
+DType = _choices("DType", DTYPES)
 
 
 @dataclass
@@ -185,39 +164,22 @@ def to_containers(cfg: Any) -> Any:
 
 
 def build_layer(spec: dict[str, Any], index: int) -> Layer:
-    kind = spec["type"]
-    where = f"model.layers[{index}] ({kind})"
-
-    def need(key: str) -> Any:
-        if spec.get(key) is None:
-            raise ValueError(f"{where} needs {key}")
-        value = spec[key]
-        return tuple(value) if isinstance(value, list) else value
-
-    def optional(key: str, default: Any) -> Any:
-        value = spec.get(key)
+    """The layer a LayerSpec describes, through LAYER_TYPES: each argument of the layer
+    class comes from the field of the same name; a field left unset (None) takes the
+    class's default, or is an error naming it where the class has none."""
+    layer_type = spec["type"]
+    where = f"model.layers[{index}] ({layer_type})"
+    layer_class = LAYER_TYPES[layer_type]
+    arguments = {}
+    for name, parameter in inspect.signature(layer_class).parameters.items():
+        value = spec.get(name)
         if value is None:
-            return default
-        return tuple(value) if isinstance(value, list) else value
-
+            if parameter.default is inspect.Parameter.empty:
+                raise ValueError(f"{where} needs {name}")
+            continue
+        arguments[name] = tuple(value) if isinstance(value, list) else value
     try:
-        if kind == "conv":
-            return Conv2D(
-                need("out_channels"),
-                need("kernel_size"),
-                optional("stride", 1),
-                optional("padding", "valid"),
-                spec["mode"],
-                spec["bias"],
-                spec["init"],
-            )
-        if kind == "pool":
-            return Pool2D(spec["kind"], need("window"), optional("stride", None))
-        if kind == "flatten":
-            return Flatten(spec["order"])
-        if kind == "dense":
-            return Dense(need("out_features"), spec["bias"], spec["init"])
-        return {"relu": ReLU, "tanh": Tanh, "logistic": Logistic}[kind]()
+        return layer_class(**arguments)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from err
 
@@ -248,9 +210,8 @@ def build_model(
 
 
 def build_optimizer(cfg: dict[str, Any]) -> Optimizer:
-    name = cfg["name"]
-    if name == "ascent":
-        return GradientAscent(cfg["lr"])
-    if name == "momentum":
-        return Momentum(cfg["lr"], cfg["momentum"])
-    return Adam(cfg["lr"], cfg["beta1"], cfg["beta2"], cfg["eps"])
+    """The optimizer ``cfg["name"]`` from OPTIMIZER_TYPES, given the fields of ``cfg`` that
+    its constructor takes (``momentum`` only for momentum, ``beta1`` only for adam, ...)."""
+    optimizer_class = OPTIMIZER_TYPES[cfg["name"]]
+    accepted = inspect.signature(optimizer_class).parameters
+    return optimizer_class(**{k: v for k, v in cfg.items() if k in accepted})

@@ -14,8 +14,12 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.errors import ConfigCompositionException  # noqa: E402
 from omegaconf.errors import ValidationError  # noqa: E402
 
-from gpucnn.config import to_containers  # noqa: E402
-from gpucnn.data import write_idx  # noqa: E402
+from gpucnn.array.backend import BACKEND_NAMES, DTYPES  # noqa: E402
+from gpucnn.config import build_layer, build_optimizer, to_containers  # noqa: E402
+from gpucnn.data import DATASETS, write_idx  # noqa: E402
+from gpucnn.nn.layers import LAYER_TYPES  # noqa: E402
+from gpucnn.nn.losses import HEAD_TYPES  # noqa: E402
+from gpucnn.nn.optim import OPTIMIZER_TYPES  # noqa: E402
 from gpucnn.train import CONF_DIR, prepare  # noqa: E402
 
 CONF = Path(CONF_DIR)
@@ -107,6 +111,45 @@ def test_experiments_build(experiment):
 def test_schema_rejects_bad_values(override):
     with pytest.raises((ValidationError, ConfigCompositionException)):
         composed([override])
+
+
+@pytest.mark.parametrize(
+    "key, registry",
+    [
+        ("model.layers.0.type", LAYER_TYPES),
+        ("model.head", HEAD_TYPES),
+        ("optimizer.name", OPTIMIZER_TYPES),
+        ("data.name", DATASETS),
+        ("backend", BACKEND_NAMES),
+        ("trainer.dtype", DTYPES),
+    ],
+)
+def test_the_schemas_choices_are_the_engines_registries(key, registry):
+    """Each enum of the schema is made from the registry it names: every entry composes,
+    and a value outside it is refused with exactly the registry's entries listed."""
+    for value in registry:
+        composed([f"{key}={value}"])
+    with pytest.raises(ConfigCompositionException) as refused:
+        composed([f"{key}=no_such_choice"])
+    listed = re.search(r"expected one of \[(.*?)\]", str(refused.value.__cause__)).group(1)
+    assert listed.split(", ") == list(registry)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZER_TYPES))
+def test_each_optimizer_gets_only_its_own_options(name):
+    overrides = [f"optimizer.name={name}", "optimizer.lr=0.05", "optimizer.momentum=0.5"]
+    built = build_optimizer(to_containers(composed(overrides))["optimizer"])
+    assert built.type == name and built.lr == 0.05
+    assert built.config().get("momentum", 0.5) == 0.5  # only momentum has one
+    assert ("beta1" in built.config()) == (name == "adam")
+
+
+def test_a_layer_field_left_unset_takes_the_layers_default_or_is_named():
+    spec = {"type": "pool", "kind": "l2", "window": None, "stride": None}
+    pool = build_layer(spec, 3)
+    assert (pool.kind, pool.window, pool.stride) == ("l2", (2, 2), (2, 2))  # Pool2D's defaults
+    with pytest.raises(ValueError, match=r"^model.layers\[1\] \(conv\) needs kernel_size$"):
+        build_layer({"type": "conv", "out_channels": 4, "kernel_size": None}, 1)
 
 
 @pytest.mark.parametrize("override", ["trainer.epoch=3", "data.pth=x", "model.layers.0.kernel=3"])

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -17,61 +19,73 @@ from gpucnn.data.builtin import make_seed_20x20
 from gpucnn.data.dataset import DataError, Dataset, as_labels, build_dataset, split_off_test
 from gpucnn.data.formats import load_idx_dir, load_npz
 
-DATASETS = ("seed_20x20", "digits", "idx", "npz")
+
+@dataclass(frozen=True)
+class DataOptions:
+    """A data config's settings (``data.*``), checked where all datasets share them."""
+
+    path: str | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    n_per_class: int = 50  # seed_20x20 only
+    noise: float = 0.3  # seed_20x20 only
+    normalize: bool = True
 
 
-def load_dataset(
-    name: str,
-    path: str | None = None,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    n_per_class: int = 50,
-    noise: float = 0.3,
-    normalize: bool = True,
-) -> Dataset:
-    """Load dataset ``name`` (one of DATASETS) with seeded, stratified splits."""
-    if name not in DATASETS:
-        raise DataError(f"dataset {name!r} is not known; allowed: {', '.join(DATASETS)}")
-    for value, what in ((val_fraction, "val_fraction"), (test_fraction, "test_fraction")):
-        if not 0 <= value < 1:
-            raise DataError(f"data.{what} must be in [0, 1), got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise DataError(f"data.seed must be an int >= 0, got {seed!r}")
-    seed = int(seed)
-    if name == "seed_20x20":
-        if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
-            raise DataError(f"data.n_per_class must be an int >= 1, got {n_per_class!r}")
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
-            raise DataError(f"data.noise must be a number >= 0, got {noise!r}")
-        x_train, y_train = make_seed_20x20(n_per_class, noise, seed)
-        x_val, y_val = make_seed_20x20(max(1, n_per_class // 5), noise, seed + 1)
-        x_test, y_test = make_seed_20x20(max(1, n_per_class // 2), noise, seed + 2)
-        return build_dataset(
-            name, x_train, y_train, x_test, y_test, val_fraction, seed, x_val, y_val, normalize
-        )
-    if name == "digits":
-        from sklearn.datasets import load_digits  # noqa: PLC0415 - only this dataset needs it
+def _seed_20x20(name: str, options: DataOptions) -> Dataset:
+    n, noise, seed = options.n_per_class, options.noise, options.seed
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DataError(f"data.n_per_class must be an int >= 1, got {n!r}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+        raise DataError(f"data.noise must be a number >= 0, got {noise!r}")
+    x_train, y_train = make_seed_20x20(n, noise, seed)
+    x_val, y_val = make_seed_20x20(max(1, n // 5), noise, seed + 1)
+    x_test, y_test = make_seed_20x20(max(1, n // 2), noise, seed + 2)
+    return build_dataset(
+        name,
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        options.val_fraction,
+        seed,
+        x_val,
+        y_val,
+        options.normalize,
+    )
 
-        digits = load_digits()
-        x, y = digits.images.astype(np.float32), digits.target
-        rest, test = split_off_test(y, test_fraction, seed)
-        return build_dataset(
-            name, x[rest], y[rest], x[test], y[test], val_fraction, seed + 1, normalize=normalize
-        )
+
+def _digits(name: str, options: DataOptions) -> Dataset:
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - only this dataset needs it
+
+    digits = load_digits()
+    x, y = digits.images.astype(np.float32), digits.target
+    rest, test = split_off_test(y, options.test_fraction, options.seed)
+    return build_dataset(
+        name,
+        x[rest],
+        y[rest],
+        x[test],
+        y[test],
+        options.val_fraction,
+        options.seed + 1,
+        normalize=options.normalize,
+    )
+
+
+def _from_files(name: str, options: DataOptions) -> Dataset:
+    """``idx`` (a directory of IDX files) or ``npz`` (one file) at ``data.path``."""
+    path = options.path
     if not path:
-        raise DataError(
-            f"dataset {name!r} needs data.path (a {'directory' if name == 'idx' else '.npz file'})"
-        )
+        kind = "directory" if name == "idx" else ".npz file"
+        raise DataError(f"dataset {name!r} needs data.path (a {kind})")
     arrays: dict[str, Any] = load_idx_dir(path) if name == "idx" else load_npz(path)
-    if "x_train" not in arrays:
-        rest, test = split_off_test(as_labels(arrays["y"], f"{path} y"), test_fraction, seed)
-        arrays = {
-            "x_train": arrays["x"][rest],
-            "y_train": arrays["y"][rest],
-            "x_test": arrays["x"][test],
-            "y_test": arrays["y"][test],
-        }
+    if "x_train" not in arrays:  # one set of x and y: split off the test images here
+        labels = as_labels(arrays["y"], f"{path} y")
+        rest, test = split_off_test(labels, options.test_fraction, options.seed)
+        x, y = arrays["x"], arrays["y"]
+        arrays = {"x_train": x[rest], "y_train": y[rest], "x_test": x[test], "y_test": y[test]}
     try:
         return build_dataset(
             name,
@@ -79,17 +93,45 @@ def load_dataset(
             arrays["y_train"],
             arrays["x_test"],
             arrays["y_test"],
-            val_fraction,
-            seed + 1,
+            options.val_fraction,
+            options.seed + 1,
             arrays.get("x_val"),
             arrays.get("y_val"),
-            normalize,
+            options.normalize,
         )
     except DataError as err:
         raise DataError(f"data.path {str(path)!r}: {err}") from err
 
 
+# Every dataset gpucnn knows by name: a new one is a function here (and a conf/data/ file).
+LOADERS: dict[str, Callable[[str, DataOptions], Dataset]] = {
+    "seed_20x20": _seed_20x20,
+    "digits": _digits,
+    "idx": _from_files,
+    "npz": _from_files,
+}
+DATASETS = tuple(LOADERS)
+
+
+def load_dataset(name: str, path: str | None = None, **settings: Any) -> Dataset:
+    """Load dataset ``name`` (one of DATASETS) with seeded, stratified splits;
+    ``settings`` are the other :class:`DataOptions` fields."""
+    if name not in LOADERS:
+        raise DataError(f"dataset {name!r} is not known; allowed: {', '.join(DATASETS)}")
+    options = DataOptions(path=path, **settings)
+    for what in ("val_fraction", "test_fraction"):
+        value = getattr(options, what)
+        if not 0 <= value < 1:
+            raise DataError(f"data.{what} must be in [0, 1), got {value!r}")
+    seed = options.seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise DataError(f"data.seed must be an int >= 0, got {seed!r}")
+    return LOADERS[name](name, replace(options, seed=int(seed)))
+
+
 def load_data(data_cfg: dict[str, Any]) -> Dataset:
+    """The dataset a data config (``data.*``, with ``name``) describes; with
+    ``positive_class=K``, its labels become one-vs-rest (1 for class K, else 0)."""
     options = {k: v for k, v in data_cfg.items() if k != "positive_class"}
     dataset = load_dataset(**options)
     positive = data_cfg.get("positive_class")
