@@ -50,20 +50,7 @@ def walk(
     Returns every intermediate as NumPy arrays. Gradients are of the log-likelihood J
     (what the lecture maximises), i.e. minus the loss gradients the engine computes.
     """
-    image = np.asarray(image, dtype=np.float64)
-    if image.ndim == 2:
-        image = image[None]
-    if image.ndim != 3:
-        raise ValueError(f"image must be (H, W) or (C, H, W), got shape {image.shape}")
-    kernel = np.asarray(kernel, dtype=np.float64)
-    if kernel.ndim == 2:
-        kernel = kernel[None, None]
-    elif kernel.ndim == 3:
-        kernel = kernel[None]
-    if kernel.ndim != 4:
-        raise ValueError(
-            f"kernel must be (KH, KW), (C, KH, KW) or (P, C, KH, KW), got {kernel.shape}"
-        )
+    image, kernel = _as_image(image), _as_kernel(kernel)
     if kernel.shape[1] != image.shape[0]:
         raise ValueError(
             f"kernel has {kernel.shape[1]} channels but the image has {image.shape[0]} "
@@ -71,29 +58,12 @@ def walk(
         )
     if label not in (0, 1):
         raise ValueError(f"label must be 0 or 1, got {label!r}")
-    model = Sequential(
-        [
-            Conv2D(kernel.shape[0], kernel.shape[2:], bias=False, mode=mode),
-            Pool2D(pool, window, stride),
-            Flatten(flatten),
-            Dense(1, bias=False),
-        ],
-        LogisticLogLikelihood(),
-        input_shape=image.shape,
-        dtype="float64",
-    )
-    weights = np.asarray(weights, dtype=np.float64).reshape(-1)
-    features = model.layers[2].out_shape[0]
-    if weights.size != features:
-        pooled = "x".join(str(d) for d in model.layers[1].out_shape)
-        raise ValueError(
-            f"weights have {weights.size} entries but the flattened pooled maps have {features} "
-            f"(maps C x H x W = {pooled}); give one weight per feature"
-        )
+    model = _lecture_network(image.shape, kernel.shape, pool, window, stride, flatten, mode)
+    weights = _checked_weights(weights, model)
     model.set_params({"conv1.weight": kernel, "dense1.weight": weights[:, None]})
     x = image[None]
     conv, pooling, flat, dense = model.layers
-    feature_maps = conv.forward(x)[0]
+    feature_maps = conv.forward(x)[0]  # each layer on its own, to show what it gives
     pooled = pooling.forward(feature_maps[None])[0]
     h = flat.forward(pooled[None])[0]
     net = float(dense.forward(h[None])[0, 0])
@@ -113,6 +83,65 @@ def walk(
         "grad_theta": -grads["dense1.weight"][:, 0],
         "grad_K": -grads["conv1.weight"],
     }
+
+
+def _as_image(image: Any) -> np.ndarray:
+    """(C, H, W) float64 from an (H, W) or (C, H, W) array."""
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3:
+        raise ValueError(f"image must be (H, W) or (C, H, W), got shape {image.shape}")
+    return image
+
+
+def _as_kernel(kernel: Any) -> np.ndarray:
+    """(P, C, KH, KW) float64 from a (KH, KW), (C, KH, KW) or (P, C, KH, KW) array."""
+    kernel = np.asarray(kernel, dtype=np.float64)
+    if kernel.ndim in (2, 3):
+        kernel = kernel.reshape((1,) * (4 - kernel.ndim) + kernel.shape)
+    if kernel.ndim != 4:
+        raise ValueError(
+            f"kernel must be (KH, KW), (C, KH, KW) or (P, C, KH, KW), got {kernel.shape}"
+        )
+    return kernel
+
+
+def _lecture_network(
+    image_shape: tuple[int, ...],
+    kernel_shape: tuple[int, ...],
+    pool: str,
+    window: int,
+    stride: int | None,
+    flatten: str,
+    mode: str,
+) -> Sequential:
+    """The lecture's net for one image: conv (no bias), pool, flatten, one logistic neuron
+    without bias; float64 on NumPy."""
+    return Sequential(
+        [
+            Conv2D(kernel_shape[0], kernel_shape[2:], bias=False, mode=mode),
+            Pool2D(pool, window, stride),
+            Flatten(flatten),
+            Dense(1, bias=False),
+        ],
+        LogisticLogLikelihood(),
+        input_shape=image_shape,
+        dtype="float64",
+    )
+
+
+def _checked_weights(weights: Any, model: Sequential) -> np.ndarray:
+    """The output weights, one per flattened feature of ``model``."""
+    weights = np.asarray(weights, dtype=np.float64).reshape(-1)
+    features = model.layers[2].out_shape[0]
+    if weights.size != features:
+        pooled = "x".join(str(d) for d in model.layers[1].out_shape)
+        raise ValueError(
+            f"weights have {weights.size} entries but the flattened pooled maps have {features} "
+            f"(maps C x H x W = {pooled}); give one weight per feature"
+        )
+    return weights
 
 
 def _squeeze_leading(a: np.ndarray, keep: int) -> np.ndarray:

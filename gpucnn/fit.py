@@ -80,18 +80,26 @@ def evaluate(
     }
 
 
+def _check_int(value: Any, what: str, minimum: int, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} must be an int >= {minimum}{note}, got {value!r}")
+
+
+def _check_loop_settings(epochs: Any, batch_size: Any, log_every: Any, kernels_every: Any) -> None:
+    for value, key in ((epochs, "epochs"), (batch_size, "batch_size"), (log_every, "log_every")):
+        _check_int(value, f"trainer.{key}", 1)
+    _check_int(kernels_every, "trainer.kernels_every", 0, " (0: never)")
+
+
 def check_trainer_settings(trainer: dict[str, Any]) -> None:
     """Raise a one-line ValueError for a trainer setting outside its range."""
-    for key in ("epochs", "batch_size", "log_every"):
-        value = trainer.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"trainer.{key} must be an int >= 1, got {value!r}")
-    every = trainer.get("kernels_every", 0)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ValueError(f"trainer.kernels_every must be an int >= 0 (0: never), got {every!r}")
-    seed = trainer.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"trainer.seed must be an int >= 0, got {seed!r}")
+    _check_loop_settings(
+        trainer.get("epochs"),
+        trainer.get("batch_size"),
+        trainer.get("log_every"),
+        trainer.get("kernels_every", 0),
+    )
+    _check_int(trainer.get("seed", 0), "trainer.seed", 0)
     l2 = trainer.get("l2", 0.0)
     if l2 is not None and (not isinstance(l2, (int, float)) or l2 < 0):
         raise ValueError(f"trainer.l2 must be a number >= 0, got {l2!r}")
@@ -112,103 +120,130 @@ def fit(
 ) -> TrainResult:
     """Train ``model`` on ``data`` (a :class:`gpucnn.data.Dataset`), report to ``tracker``.
 
-    Each batch is computed through a :class:`~gpucnn.parallel.split.BatchSplit` of the model
-    (slices in parallel where that pays) unless ``split_batches`` is false or ``model``
-    is a wrapper already. ``progress=None`` shows a bar per epoch only when stderr is a
-    terminal.
+    Each batch is computed through a :class:`~gpucnn.parallel.split.BatchSplit` of the
+    model (slices in parallel where that pays) unless ``split_batches`` is false or
+    ``model`` is a wrapper already. ``progress=None`` shows a bar per epoch only when
+    stderr is a terminal.
     """
-    for value, what in (
-        (epochs, "trainer.epochs"),
-        (batch_size, "trainer.batch_size"),
-        (log_every, "trainer.log_every"),
-    ):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{what} must be an int >= 1, got {value!r}")
-    if not isinstance(kernels_every, int) or kernels_every < 0:
-        raise ValueError(
-            f"trainer.kernels_every must be an int >= 0 (0 = never), got {kernels_every!r}"
-        )
+    _check_loop_settings(epochs, batch_size, log_every, kernels_every)
     model, runner = _model_and_runner(model, split_batches)
     tracker = tracker or Tracker()
-    backend = model.backend
-    xp = backend.xp
-    rng = backend.random(seed)
-    # Once, on the host, before any step: on the GPU loss() does not look at device labels.
+    _check_labels_once(model, data)
+    train = _TrainingSplit(model, data)
+    rng = model.backend.random(seed)
+    step_losses = _StepLosses(tracker, log_every, model.backend.xp)
+    show = sys.stderr.isatty() if progress is None else progress
+    metrics = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    result = TrainResult(history={k: [] for k in metrics})
+    seconds = 0.0
+    _log_kernels(model, tracker, 0, kernels_every)
+    for epoch in range(1, epochs + 1):
+        bar = _progress_bar(show, -(-train.size // batch_size), epoch, epochs)
+        started = time.perf_counter()
+        order = model.backend.asarray(rng.permutation(train.size))
+        epoch_metrics = _train_epoch(runner, optimizer, train, order, batch_size, step_losses, bar)
+        seconds += time.perf_counter() - started
+        if len(data.y_val):  # no validation split (val_fraction=0): no val metrics, not NaN
+            val = evaluate(runner, data.x_val, data.y_val)
+            epoch_metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+        for key, value in epoch_metrics.items():
+            result.history[key].append(value)
+        speed = train.size / max(seconds / epoch, 1e-9)
+        tracker.log_metrics({**epoch_metrics, "epoch_images_per_second": speed}, step=epoch)
+        _close_progress_bar(bar, epoch_metrics)
+        _log_kernels(model, tracker, epoch, kernels_every, final=epoch == epochs)
+    step_losses.flush()
+    result.steps = step_losses.steps
+    result.images_per_second = train.size * epochs / max(seconds, 1e-9)
+    test = evaluate(runner, data.x_test, data.y_test)
+    result.confusion = test.pop("confusion")
+    result.test = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+    speed = {"images_per_second": result.images_per_second}
+    tracker.log_metrics({**result.test, **speed}, step=result.steps)
+    tracker.flush()
+    return result
+
+
+def _check_labels_once(model: Sequential, data: Any) -> None:
+    """Every split's labels against the head, once, on the host, before any step: on the
+    GPU loss() does not look at device labels."""
     for split in ("train", "val", "test"):
         try:
             model.head.check_labels(to_host(getattr(data, f"y_{split}")), model.output_shape)
         except ValueError as err:
             raise ValueError(f"{split} split: {err}") from None
-    x_train = backend.asarray(data.x_train, model.dtype)
-    y_train = _labels_for(model, data.y_train)
-    class_train = backend.asarray(data.y_train).astype("int64")  # for accuracy, cast once
-    n = len(data.y_train)
-    has_val = len(data.y_val) > 0
-    show = sys.stderr.isatty() if progress is None else progress
-    result = TrainResult(
-        history={k: [] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")}
-    )
-    step = 0
-    pending: list[Array] = []
-    pending_first_step = 0
-    seconds = 0.0
-    _log_kernels(model, tracker, 0, kernels_every)
-    for epoch in range(1, epochs + 1):
-        order = backend.asarray(rng.permutation(n))
-        bar = _progress_bar(show, (n + batch_size - 1) // batch_size, epoch, epochs)
-        loss_sum = xp.zeros((), dtype=model.dtype)
-        correct = xp.zeros((), dtype="int64")
-        started = time.perf_counter()
-        for start in range(0, n, batch_size):
-            raise_if_interrupted()  # a Ctrl-C that Python dropped (see sticky_interrupts)
-            index = order[start : start + batch_size]
-            xb, yb, classes_b = x_train[index], y_train[index], class_train[index]
-            loss = runner.loss(xb, yb)
-            optimizer.step(runner.params, runner.backward())
-            loss_sum += loss * len(index)
-            correct += (model.head.predict(runner.last_output) == classes_b).sum()
-            pending.append(loss)
-            step += 1
-            if len(pending) == log_every:
-                values = to_host(xp.stack(pending)).tolist()  # one transfer per interval
-                tracker.log_metric_history("train_loss_step", values, pending_first_step + 1)
-                _check_finite(values, pending_first_step + 1)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{values[-1]:.4f}")
-                pending, pending_first_step = [], step
-            if bar is not None:
-                bar.update(1)
-        train_loss = float(to_host(loss_sum)) / n
-        train_accuracy = float(to_host(correct)) / n
-        seconds += time.perf_counter() - started
-        epoch_metrics = {"train_loss": train_loss, "train_accuracy": train_accuracy}
-        if has_val:  # no validation split (val_fraction=0): no val metrics, rather than NaN
-            val = evaluate(runner, data.x_val, data.y_val)
-            epoch_metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-        for key, value in epoch_metrics.items():
-            result.history[key].append(value)
-        tracker.log_metrics(
-            {**epoch_metrics, "epoch_images_per_second": n / max(seconds / epoch, 1e-9)}, step=epoch
-        )
+
+
+class _TrainingSplit:
+    """The training images and labels on the model's backend, moved and cast once."""
+
+    def __init__(self, model: Sequential, data: Any) -> None:
+        backend = model.backend
+        self.size = len(data.y_train)
+        self.head = model.head
+        self.x = backend.asarray(data.x_train, model.dtype)
+        self.labels = _labels_for(model, data.y_train)  # as the head takes them
+        self.classes = backend.asarray(data.y_train).astype("int64")  # for accuracy
+        self.dtype, self.xp = model.dtype, backend.xp
+
+
+def _train_epoch(
+    runner: Any,
+    optimizer: Optimizer,
+    train: _TrainingSplit,
+    order: Array,
+    batch_size: int,
+    step_losses: _StepLosses,
+    bar: Any,
+) -> dict[str, float]:
+    """One pass over the training split in ``order``: a step per batch. Returns the
+    epoch's mean training loss and accuracy (read from the device once, at the end)."""
+    xp = train.xp
+    loss_sum = xp.zeros((), dtype=train.dtype)
+    correct = xp.zeros((), dtype="int64")
+    for start in range(0, train.size, batch_size):
+        raise_if_interrupted()  # a Ctrl-C that Python dropped (see sticky_interrupts)
+        index = order[start : start + batch_size]
+        loss = runner.loss(train.x[index], train.labels[index])
+        optimizer.step(runner.params, runner.backward())
+        loss_sum += loss * len(index)
+        correct += (train.head.predict(runner.last_output) == train.classes[index]).sum()
+        shown = step_losses.add(loss)
         if bar is not None:
-            shown = {"loss": f"{train_loss:.4f}", "acc": f"{train_accuracy:.3f}"}
-            if has_val:
-                shown["val_acc"] = f"{val['accuracy']:.3f}"
-            bar.set_postfix(shown)
-            bar.close()
-        _log_kernels(model, tracker, epoch, kernels_every, final=epoch == epochs)
-    if pending:
-        tracker.log_metric_history(
-            "train_loss_step", to_host(xp.stack(pending)).tolist(), pending_first_step + 1
-        )
-    result.steps = step
-    result.images_per_second = n * epochs / max(seconds, 1e-9)
-    test = evaluate(runner, data.x_test, data.y_test)
-    result.confusion = test.pop("confusion")
-    result.test = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
-    tracker.log_metrics({**result.test, "images_per_second": result.images_per_second}, step=step)
-    tracker.flush()
-    return result
+            if shown:
+                bar.set_postfix(loss=f"{shown[-1]:.4f}")
+            bar.update(1)
+    return {
+        "train_loss": float(to_host(loss_sum)) / train.size,
+        "train_accuracy": float(to_host(correct)) / train.size,
+    }
+
+
+class _StepLosses:
+    """Each step's training loss, kept on the device and read, logged as
+    ``train_loss_step`` and checked for divergence once per ``every`` steps."""
+
+    def __init__(self, tracker: Tracker, every: int, xp: Any) -> None:
+        self.tracker, self.every, self.xp = tracker, every, xp
+        self.pending: list[Array] = []
+        self.steps = 0  # steps taken so far
+
+    def add(self, loss: Array) -> list[float]:
+        """Count a step; the interval's losses when this step completed one, else []."""
+        self.pending.append(loss)
+        self.steps += 1
+        return self.flush() if len(self.pending) == self.every else []
+
+    def flush(self) -> list[float]:
+        """Read, log and check the losses not yet read (one transfer)."""
+        if not self.pending:
+            return []
+        first_step = self.steps - len(self.pending) + 1
+        values = to_host(self.xp.stack(self.pending)).tolist()
+        self.pending = []
+        self.tracker.log_metric_history("train_loss_step", values, first_step)
+        _check_finite(values, first_step)
+        return values
 
 
 class DivergedError(FloatingPointError):
@@ -234,6 +269,16 @@ def _log_kernels(
         if layer.type == "conv":
             weight = to_host(layer.params["weight"])
             tracker.log_image(f"kernels/{layer.name}", kernel_grid(weight), step=epoch)
+
+
+def _close_progress_bar(bar: Any, metrics: dict[str, float]) -> None:
+    if bar is None:
+        return
+    shown = {"loss": f"{metrics['train_loss']:.4f}", "acc": f"{metrics['train_accuracy']:.3f}"}
+    if "val_accuracy" in metrics:
+        shown["val_acc"] = f"{metrics['val_accuracy']:.3f}"
+    bar.set_postfix(shown)
+    bar.close()
 
 
 def _progress_bar(show: bool, total: int, epoch: int, epochs: int) -> Any:

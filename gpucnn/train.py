@@ -92,53 +92,22 @@ def parent_run_id(hydra_cfg: Any) -> str | None:
 
 
 def run(cfg: DictConfig) -> float:
+    """One training job: check everything, then one MLflow run from start to end."""
     import mlflow  # noqa: PLC0415
 
     hydra_cfg = HydraConfig.get()
-    launch_dir = hydra_cfg.runtime.cwd
     output_dir = Path(hydra_cfg.runtime.output_dir)
     config = to_containers(cfg)
     backend, dataset, model, optimizer = prepare(config)
-
-    uri, artifacts = resolve_store(config["tracking"]["uri"], launch_dir)
+    uri, artifacts = resolve_store(config["tracking"]["uri"], hydra_cfg.runtime.cwd)
     mlflow.set_tracking_uri(uri)
     experiment_id = ensure_experiment(config["tracking"]["experiment"], artifacts)
-    tags = {
-        "gpucnn.array.backend": backend.name,
-        "gpucnn.device": backend.device_name(),
-        "gpucnn.overrides": " ".join(hydra_cfg.overrides.task),
-    }
-    commit = git_commit(launch_dir)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    parent = parent_run_id(hydra_cfg)
-    try:
-        with deferred_interrupt():  # Ctrl-C here comes after the run exists: mark it
-            active = mlflow.start_run(
-                experiment_id=experiment_id,
-                run_name=config["tracking"]["run_name"],
-                parent_run_id=parent,
-                tags=tags,
-            )
-    except KeyboardInterrupt:
-        _mark_killed(mlflow)
-        raise
+    active = _start_run(mlflow, experiment_id, config, hydra_cfg, backend)
     with active:
         run_id = active.info.run_id
         try:
             tracker = MlflowTracker(run_id)
-            sizes = dataset.sizes()
-            tracker.log_params(
-                {
-                    **flatten_params(config),
-                    **{f"data.{k}_size": v for k, v in sizes.items()},
-                    "model.num_params": model.num_params(),
-                    "data.num_classes": dataset.num_classes,
-                }
-            )
-            config_path = output_dir / "config.yaml"
-            config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            tracker.log_file(config_path)
+            _log_inputs(tracker, cfg, config, dataset, model, output_dir)
             trainer = config["trainer"]
             result = fit(
                 model,
@@ -151,15 +120,7 @@ def run(cfg: DictConfig) -> float:
                 kernels_every=trainer["kernels_every"],
                 tracker=tracker,
             )
-            confusion = np.array(result.confusion)
-            tracker.log_image("confusion_matrix", confusion_image(confusion), step=result.steps)
-            np.savetxt(output_dir / "confusion_matrix.csv", confusion, fmt="%d", delimiter=",")
-            tracker.log_file(output_dir / "confusion_matrix.csv")
-            for layer in model.layers:
-                if layer.type == "conv":
-                    tracker.log_array(f"{layer.name}.npy", to_host(layer.params["weight"]))
-            checkpoint = save_checkpoint(output_dir / "model.npz", model, optimizer)
-            tracker.log_file(checkpoint, "checkpoint")
+            checkpoint = _log_outputs(tracker, model, optimizer, result, output_dir)
         except KeyboardInterrupt:
             _mark_killed(mlflow)
             raise
@@ -167,8 +128,75 @@ def run(cfg: DictConfig) -> float:
             with deferred_interrupt():
                 mlflow.set_tag("gpucnn.error", f"{type(err).__name__}: {err}"[:5000])
             raise
-    summary(run_id, config, result, sizes, checkpoint, uri, backend.name)
+    summary(run_id, config, result, dataset.sizes(), checkpoint, uri, backend.name)
     return result.test["test_accuracy"]
+
+
+def _start_run(
+    mlflow: Any, experiment_id: str, config: dict[str, Any], hydra_cfg: Any, backend: Any
+) -> Any:
+    """The job's MLflow run (a child of the sweep's parent run in a multirun), tagged with
+    the backend, device, overrides and git commit. Ctrl-C while it starts marks it KILLED."""
+    tags = {
+        "gpucnn.backend": backend.name,
+        "gpucnn.device": backend.device_name(),
+        "gpucnn.overrides": " ".join(hydra_cfg.overrides.task),
+    }
+    commit = git_commit(hydra_cfg.runtime.cwd)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    try:
+        with deferred_interrupt():  # Ctrl-C here comes after the run exists: mark it
+            return mlflow.start_run(
+                experiment_id=experiment_id,
+                run_name=config["tracking"]["run_name"],
+                parent_run_id=parent_run_id(hydra_cfg),
+                tags=tags,
+            )
+    except KeyboardInterrupt:
+        _mark_killed(mlflow)
+        raise
+
+
+def _log_inputs(
+    tracker: MlflowTracker,
+    cfg: DictConfig,
+    config: dict[str, Any],
+    dataset: Dataset,
+    model: Any,
+    output_dir: Path,
+) -> None:
+    """Parameters (the flattened config, split sizes, model size) and the resolved
+    config.yaml, from which evaluate rebuilds the run's data."""
+    sizes = dataset.sizes()
+    tracker.log_params(
+        {
+            **flatten_params(config),
+            **{f"data.{k}_size": v for k, v in sizes.items()},
+            "model.num_params": model.num_params(),
+            "data.num_classes": dataset.num_classes,
+        }
+    )
+    config_path = output_dir / "config.yaml"
+    config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker.log_file(config_path)
+
+
+def _log_outputs(
+    tracker: MlflowTracker, model: Any, optimizer: Any, result: Any, output_dir: Path
+) -> Path:
+    """The confusion matrix (picture and CSV), each conv layer's kernels as .npy, and the
+    checkpoint; returns the checkpoint's path."""
+    confusion = np.array(result.confusion)
+    tracker.log_image("confusion_matrix", confusion_image(confusion), step=result.steps)
+    np.savetxt(output_dir / "confusion_matrix.csv", confusion, fmt="%d", delimiter=",")
+    tracker.log_file(output_dir / "confusion_matrix.csv")
+    for layer in model.layers:
+        if layer.type == "conv":
+            tracker.log_array(f"{layer.name}.npy", to_host(layer.params["weight"]))
+    checkpoint = save_checkpoint(output_dir / "model.npz", model, optimizer)
+    tracker.log_file(checkpoint, "checkpoint")
+    return checkpoint
 
 
 def _mark_killed(mlflow: Any) -> None:

@@ -80,7 +80,7 @@ def test_run_logs_everything(digits_run):
     sizes = {k: int(params[f"data.{k}_size"]) for k in ("train", "val", "test")}
     assert sum(sizes.values()) == 1797
     tags = run.data.tags
-    assert tags["gpucnn.array.backend"] == "numpy" and tags["gpucnn.device"].startswith("CPU")
+    assert tags["gpucnn.backend"] == "numpy" and tags["gpucnn.device"].startswith("CPU")
     steps_per_epoch = -(-sizes["train"] // 64)
     history = {
         key: client.get_metric_history(run.info.run_id, key)

@@ -255,6 +255,34 @@ def test_divergence_stops_training_with_a_clear_error(backend):
     assert len(logged) >= 5 and not np.isfinite(logged[-1])  # what was seen is still logged
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_divergence_in_the_last_unread_steps_is_caught_too(backend):
+    """The losses left after the last full log interval are read at the end of training:
+    checked like the others (before, a NaN there went by and the run 'finished')."""
+    data = load_dataset("seed_20x20", n_per_class=20, noise=0.3, seed=0)  # 40 images
+    model = Sequential(
+        [Conv2D(1, 3), Flatten(), Dense(1)],
+        LogisticLogLikelihood(),
+        data.input_shape,
+        backend=backend,
+        seed=0,
+    )
+    recorder = Recorder()
+    with pytest.raises(DivergedError, match=r"training loss became (nan|inf) at step \d+"):
+        fit(
+            model,
+            GradientAscent(1e30),
+            data,
+            epochs=1,
+            batch_size=10,
+            log_every=100,
+            tracker=recorder,
+            progress=False,
+        )
+    steps = [step for step, _ in recorder.histories["train_loss_step"]]
+    assert steps == [1, 2, 3, 4]  # one epoch of 4 steps, never a full interval of 100
+
+
 class InterruptedInDel:
     """Sends Ctrl-C to this process from ``__del__``: the KeyboardInterrupt is raised
     there, and Python drops it ("Exception ignored"), as it does inside SQLAlchemy's

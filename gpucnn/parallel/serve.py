@@ -1,11 +1,12 @@
-"""The main loop of a worker process (started by :mod:`gpucnn.parallel.workers`): it holds a copy
-of each model whose batch slices it computes, rebuilt from the model's config, and
+"""The main loop of a worker process (started by :mod:`gpucnn.parallel.workers`): it holds
+a copy of each model whose batch slices it computes, rebuilt from the model's config, and
 answers forward and backward requests for them."""
 
 from __future__ import annotations
 
 import signal
 from collections import OrderedDict
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -22,14 +23,9 @@ def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
     (evaluation) turns that off again after one wasted backward.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent to handle
-
     conn = Connection(fd)
     inputs, outputs = SharedFile(inputs_fd), SharedFile(outputs_fd)
-    models: OrderedDict[str, Any] = OrderedDict()
-    live_params: dict[str, dict[str, Any]] = {}  # each model's own parameter arrays
-    # Per model: where its gradients go, whether a backward was asked for since its last
-    # forward, whether they are written, and whether to write them ahead (training).
-    state: dict[str, dict[str, Any]] = {}
+    copies = _ModelCopies(outputs)
     conn.send(("ok", "ready"))
     while True:
         try:
@@ -40,35 +36,11 @@ def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
             inputs.resize(inputs_size, grow=False)
             outputs.resize(outputs_size, grow=False)
             if request == "forward":
-                if key not in models:
-                    if config is None:
-                        raise KeyError(f"model {key} is not held here")
-                    models[key] = Sequential.from_config({**config, "l2": 0.0}, "numpy")
-                    live_params[key] = models[key].params
-                    while len(models) > MODELS_PER_WORKER:
-                        gone = models.popitem(last=False)[0]
-                        live_params.pop(gone, None)
-                        state.pop(gone, None)
-                models.move_to_end(key)
-                model = models[key]
-                before = state.get(key)
-                ahead = before["asked"] if before is not None else True
-                state[key] = {"grads_at": grads_at, "asked": False, "ready": False, "ahead": ahead}
-                views = inputs.views(inputs_at)
-                for name, value in live_params[key].items():
-                    value[...] = views[f"param/{name}"]
-                value = float(model.loss(views["x"], views["labels"], penalty=False))
-                conn.send(("ok", (model.last_output, value)))
-                if ahead:
-                    _write_grads(model, outputs, grads_at)
-                    state[key]["ready"] = True
+                reply = copies.forward(key, config, inputs.views(inputs_at), grads_at)
+                conn.send(("ok", reply))
+                copies.gradients_ahead(key)  # while the parent computes its own slice
             elif request == "backward":
-                if key not in state:
-                    raise RuntimeError(f"backward for model {key} without its forward")
-                if not state[key]["ready"]:
-                    _write_grads(models[key], outputs, state[key]["grads_at"])
-                    state[key]["ready"] = True
-                state[key]["asked"] = True
+                copies.backward(key)
                 conn.send(("ok", None))
             else:
                 raise ValueError(f"unknown request {request!r}")
@@ -76,7 +48,69 @@ def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
             conn.send(("error", f"{type(err).__name__}: {err}"))
 
 
-def _write_grads(model: Any, outputs: SharedFile, grads_at: dict[str, Spec]) -> None:
-    views = outputs.views(grads_at)
-    for name, value in model.backward().items():
-        views[name][...] = value
+@dataclass
+class _SliceState:
+    """Where a model copy's gradients go, whether the parent asked for them since its last
+    forward, whether they are written, and whether to write them ahead (training)."""
+
+    grads_at: dict[str, Spec]
+    asked: bool = False
+    ready: bool = False
+    ahead: bool = True
+
+
+class _ModelCopies:
+    """The models this worker serves, least recently used dropped past
+    MODELS_PER_WORKER (the parent applies the same rule to the same requests)."""
+
+    def __init__(self, outputs: SharedFile) -> None:
+        self.outputs = outputs
+        self.models: OrderedDict[str, Sequential] = OrderedDict()
+        self.live_params: dict[str, dict[str, Any]] = {}  # each model's own parameter arrays
+        self.state: dict[str, _SliceState] = {}
+
+    def forward(
+        self, key: str, config: dict | None, views: dict[str, Any], grads_at: dict[str, Spec]
+    ) -> tuple[Any, float]:
+        """(head input, mean loss without the L2 penalty) of the slice in ``views``, with
+        the parameters the parent sent beside it."""
+        model = self._model(key, config)
+        before = self.state.get(key)
+        ahead = before.asked if before is not None else True
+        self.state[key] = _SliceState(grads_at, ahead=ahead)
+        for name, value in self.live_params[key].items():
+            value[...] = views[f"param/{name}"]
+        value = float(model.loss(views["x"], views["labels"], penalty=False))
+        return model.last_output, value
+
+    def gradients_ahead(self, key: str) -> None:
+        """Write the last forward's gradients now if a backward is expected."""
+        if self.state[key].ahead:
+            self._write_gradients(key)
+
+    def backward(self, key: str) -> None:
+        """Make sure the last forward's gradients are in the shared file."""
+        if key not in self.state:
+            raise RuntimeError(f"backward for model {key} without its forward")
+        if not self.state[key].ready:
+            self._write_gradients(key)
+        self.state[key].asked = True
+
+    def _model(self, key: str, config: dict | None) -> Sequential:
+        if key not in self.models:
+            if config is None:
+                raise KeyError(f"model {key} is not held here")
+            self.models[key] = Sequential.from_config({**config, "l2": 0.0}, "numpy")
+            self.live_params[key] = self.models[key].params
+            while len(self.models) > MODELS_PER_WORKER:
+                gone = self.models.popitem(last=False)[0]
+                self.live_params.pop(gone, None)
+                self.state.pop(gone, None)
+        self.models.move_to_end(key)
+        return self.models[key]
+
+    def _write_gradients(self, key: str) -> None:
+        views = self.outputs.views(self.state[key].grads_at)
+        for name, value in self.models[key].backward().items():
+            views[name][...] = value
+        self.state[key].ready = True

@@ -225,11 +225,6 @@ class MlflowTracker(Tracker):
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 
-    @_holding_ctrl_c
-    def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value)[:5000])
-
 
 def _now_ms() -> int:
     import time  # noqa: PLC0415
