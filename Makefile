@@ -9,7 +9,7 @@ comma := ,
 # Arguments passed through to the training app, e.g. `make train ARGS="trainer.epochs=5"`.
 ARGS ?=
 
-.PHONY: venv test lint train explain bench bench-smoke clean
+.PHONY: venv test test-fast lint train explain bench bench-smoke clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest
+
+# The edit-test loop: everything but the tests marked slow (about 15 s on 2 cores).
+test-fast: lint
+	$(PY) -m pytest -m "not slow"
 
 train: $(STAMP)
 	$(PY) -m gpucnn.train experiment=digits $(ARGS)
