@@ -229,30 +229,24 @@ def test_progress_bar_shows_on_request_and_stays_quiet_otherwise(capsys):
     assert train(False) == ""
 
 
+def diverge(data, layers, head, backend, **settings):
+    """Train with a huge learning rate until it diverges; what the tracker got."""
+    model = Sequential(layers, head, data.input_shape, backend=backend, seed=0)
+    recorder = Recorder()
+    with pytest.raises(DivergedError, match=r"training loss became (nan|inf) at step \d+"):
+        fit(model, GradientAscent(1e30), data, tracker=recorder, progress=False, **settings)
+    return recorder.histories["train_loss_step"]
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow that makes it diverge
 def test_divergence_stops_training_with_a_clear_error(backend):
     data = load_dataset("digits", seed=0)
-    model = Sequential(
-        [Conv2D(4, 3), ReLU(), Flatten(), Dense(10)],
-        SoftmaxCrossEntropy(),
-        data.input_shape,
-        backend=backend,
-        seed=0,
+    layers = [Conv2D(4, 3), ReLU(), Flatten(), Dense(10)]
+    logged = diverge(
+        data, layers, SoftmaxCrossEntropy(), backend, epochs=3, batch_size=32, log_every=5
     )
-    recorder = Recorder()
-    with pytest.raises(DivergedError, match=r"training loss became (nan|inf) at step \d+"):
-        fit(
-            model,
-            GradientAscent(1e30),
-            data,
-            epochs=3,
-            batch_size=32,
-            log_every=5,
-            tracker=recorder,
-            progress=False,
-        )
-    logged = [v for _, v in recorder.histories["train_loss_step"]]
-    assert len(logged) >= 5 and not np.isfinite(logged[-1])  # what was seen is still logged
+    values = [v for _, v in logged]
+    assert len(values) >= 5 and not np.isfinite(values[-1])  # what was seen is still logged
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -260,27 +254,11 @@ def test_divergence_in_the_last_unread_steps_is_caught_too(backend):
     """The losses left after the last full log interval are read at the end of training:
     checked like the others (before, a NaN there went by and the run 'finished')."""
     data = load_dataset("seed_20x20", n_per_class=20, noise=0.3, seed=0)  # 40 images
-    model = Sequential(
-        [Conv2D(1, 3), Flatten(), Dense(1)],
-        LogisticLogLikelihood(),
-        data.input_shape,
-        backend=backend,
-        seed=0,
+    layers = [Conv2D(1, 3), Flatten(), Dense(1)]
+    logged = diverge(
+        data, layers, LogisticLogLikelihood(), backend, epochs=1, batch_size=10, log_every=100
     )
-    recorder = Recorder()
-    with pytest.raises(DivergedError, match=r"training loss became (nan|inf) at step \d+"):
-        fit(
-            model,
-            GradientAscent(1e30),
-            data,
-            epochs=1,
-            batch_size=10,
-            log_every=100,
-            tracker=recorder,
-            progress=False,
-        )
-    steps = [step for step, _ in recorder.histories["train_loss_step"]]
-    assert steps == [1, 2, 3, 4]  # one epoch of 4 steps, never a full interval of 100
+    assert [step for step, _ in logged] == [1, 2, 3, 4]  # 4 steps, never a full interval
 
 
 class InterruptedInDel:
