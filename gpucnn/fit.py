@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpucnn.array.backend import Array, array_module, to_host
+from gpucnn.array.backend import Array, to_host
 from gpucnn.interrupts import raise_if_interrupted
 from gpucnn.nn.losses import LogisticLogLikelihood
 from gpucnn.nn.model import Sequential
@@ -38,12 +38,22 @@ def _labels_for(model: Sequential, y: Any) -> Array:
     return model.backend.asarray(y).astype("int64")
 
 
-def _model_and_runner(model: Sequential | BatchSplit, split_batches: bool) -> tuple[Any, Any]:
-    """(the Sequential, what computes its batches): a plain model is wrapped in a
-    BatchSplit unless ``split_batches`` is false; a wrapper is used as it is."""
+def _model_and_runner(model: Any, split_batches: bool) -> tuple[Sequential, Any]:
+    """(the Sequential, what computes its batches). A plain model is wrapped in a
+    BatchSplit unless ``split_batches`` is false. A wrapper (anything with the model's
+    ``loss``/``backward``/``params``/``last_output`` and the thing it wraps as ``.model``:
+    a BatchSplit, or a wrapper around one) is used as it is."""
     if isinstance(model, Sequential):
         return model, BatchSplit(model) if split_batches else model
-    return model.model, model
+    inner = model
+    while not isinstance(inner, Sequential):
+        if not hasattr(inner, "model"):
+            raise TypeError(
+                f"fit and evaluate take a Sequential or a wrapper of one (with .model), "
+                f"got {type(model).__name__}"
+            )
+        inner = inner.model
+    return inner, model
 
 
 def evaluate(
@@ -53,8 +63,14 @@ def evaluate(
     batch_size: int = 512,
     split_batches: bool = True,
 ) -> dict[str, Any]:
-    """Data loss (no L2 penalty), accuracy and confusion matrix over a whole split."""
-    model, runner = _model_and_runner(model, split_batches)
+    """Data loss (no L2 penalty), accuracy and confusion matrix over a whole split,
+    computed through a BatchSplit of a plain model unless ``split_batches`` is false."""
+    return _evaluate(*_model_and_runner(model, split_batches), x, y, batch_size)
+
+
+def _evaluate(
+    model: Sequential, runner: Any, x: Any, y: Any, batch_size: int = 512
+) -> dict[str, Any]:
     xp = model.backend.xp
     n = len(y)
     if n == 0:
@@ -68,15 +84,15 @@ def evaluate(
         stop = min(start + batch_size, n)
         total += runner.loss(x[start:stop], labels[start:stop], penalty=False) * (stop - start)
         predictions.append(model.head.predict(runner.last_output))
-    predicted = to_host(xp.concatenate(predictions))
-    truth = to_host(y).astype("int64")
+    # The confusion matrix is counted where the predictions are; one K x K transfer.
     classes = max(int(model.output_shape[0]), 2)
-    pairs = array_module(truth).bincount(truth * classes + predicted, minlength=classes**2)
-    confusion = pairs.reshape(classes, classes).tolist()  # rows: true, columns: predicted
+    truth = model.backend.asarray(y).astype("int64")
+    pairs = xp.bincount(truth * classes + xp.concatenate(predictions), minlength=classes**2)
+    confusion = to_host(pairs).reshape(classes, classes)  # rows: true, columns: predicted
     return {
         "loss": float(to_host(total)) / n,
-        "accuracy": float((predicted == truth).mean()),
-        "confusion": confusion,
+        "accuracy": float(confusion.trace()) / n,
+        "confusion": confusion.tolist(),
     }
 
 
@@ -144,7 +160,7 @@ def fit(
         epoch_metrics = _train_epoch(runner, optimizer, train, order, batch_size, step_losses, bar)
         seconds += time.perf_counter() - started
         if len(data.y_val):  # no validation split (val_fraction=0): no val metrics, not NaN
-            val = evaluate(runner, data.x_val, data.y_val)
+            val = _evaluate(model, runner, data.x_val, data.y_val)
             epoch_metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         for key, value in epoch_metrics.items():
             result.history[key].append(value)
@@ -155,7 +171,7 @@ def fit(
     step_losses.flush()
     result.steps = step_losses.steps
     result.images_per_second = train.size * epochs / max(seconds, 1e-9)
-    test = evaluate(runner, data.x_test, data.y_test)
+    test = _evaluate(model, runner, data.x_test, data.y_test)
     result.confusion = test.pop("confusion")
     result.test = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
     speed = {"images_per_second": result.images_per_second}

@@ -273,3 +273,89 @@ def test_label_count_is_checked_for_the_whole_batch(split_in_three, rng):
     split = BatchSplit(build("softmax"))
     with pytest.raises(ValueError, match=r"labels have shape \(12,\), expected \(13,\)"):
         split.loss(rng.standard_normal((13, 3, 9, 9)), rng.integers(0, 3, 12))
+
+
+def test_split_batches_false_keeps_fit_and_its_evaluations_whole(monkeypatch, rng):
+    """No BatchSplit anywhere in fit with split_batches=False: not for the training
+    steps, not for the validation and test passes."""
+    import gpucnn.fit as loop
+
+    made = []
+    monkeypatch.setattr(loop, "BatchSplit", lambda model: made.append(model) or model)
+    x, y = rng.standard_normal((30, 3, 9, 9)), rng.integers(0, 3, 30)
+    data = Dataset("random", x, y, x[:6], y[:6], x[:6], y[:6], num_classes=3)
+    fit(
+        build("softmax"),
+        GradientAscent(0.1),
+        data,
+        epochs=2,
+        batch_size=10,
+        progress=False,
+        split_batches=False,
+    )
+    assert made == []
+    fit(build("softmax"), GradientAscent(0.1), data, epochs=2, batch_size=10, progress=False)
+    assert len(made) == 1  # by default: one wrapper for the whole run
+
+
+def test_the_model_is_never_left_holding_one_slice(split_in_three, rng):
+    """Between the wrapper's loss and backward the model itself has no half-done step:
+    its own backward refuses, and after the wrapper's backward it holds the whole
+    batch's gradients."""
+    model = build("softmax")
+    step = BatchSplit(model)
+    x, labels = rng.standard_normal((13, 3, 9, 9)), rng.integers(0, 3, 13)
+    step.loss(x, labels)
+    assert len(step.slices) == 3 and model.last_output.shape == (13, 3)
+    with pytest.raises(RuntimeError, match="call loss"):
+        model.backward()
+    grads = step.backward()
+    assert model.grads is grads
+
+
+class PassThrough:
+    """A wrapper around a wrapper, as a data-parallel one around BatchSplit would be."""
+
+    def __init__(self, inner):
+        self.model, self.calls = inner, 0
+
+    params = property(lambda self: self.model.params)
+    last_output = property(lambda self: self.model.last_output)
+
+    def loss(self, x, labels, penalty=True):
+        self.calls += 1
+        return self.model.loss(x, labels, penalty)
+
+    def backward(self):
+        return self.model.backward()
+
+
+def test_fit_takes_a_wrapper_around_a_wrapper(split_in_three, rng):
+    x, y = rng.standard_normal((40, 3, 9, 9)), rng.integers(0, 3, 40)
+    data = Dataset("random", x, y, x[:5], y[:5], x[:5], y[:5], num_classes=3)
+    outer, whole = PassThrough(BatchSplit(build("softmax"))), build("softmax")
+    fit(outer, GradientAscent(0.1), data, epochs=2, batch_size=16, progress=False)
+    fit(
+        whole,
+        GradientAscent(0.1),
+        data,
+        epochs=2,
+        batch_size=16,
+        progress=False,
+        split_batches=False,
+    )
+    assert outer.calls == 2 * 3 + 2 + 1  # steps, validation passes, the test pass
+    for key, value in whole.params.items():
+        np.testing.assert_allclose(outer.params[key], value, rtol=1e-9, atol=1e-12)
+    with pytest.raises(TypeError, match="a Sequential or a wrapper of one"):
+        fit(object(), GradientAscent(0.1), data, epochs=1, batch_size=16, progress=False)
+
+
+def test_replicas_follow_the_model_to_another_backend(split_in_three, rng):
+    model = build("softmax")
+    step = BatchSplit(model)
+    x, labels = rng.standard_normal((13, 3, 9, 9)), rng.integers(0, 3, 13)
+    step.loss(x, labels)
+    model.to("numpy")  # a new Backend object, as a move to the GPU and back gives
+    step.loss(x, labels)
+    assert all(replica.backend is model.backend for replica in step._replicas)

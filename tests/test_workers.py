@@ -297,3 +297,31 @@ def test_the_blas_share_reaches_the_workers_environment(monkeypatch):
     for fd in seen["fds"]:  # the socket's child end and both shared files are closed
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_a_failure_while_writing_gradients_ahead_is_reported_once_by_backward(rng):
+    """The worker answers a forward, then writes that slice's gradients ahead: if that
+    fails it must not send a second reply (the parent would pair every later reply with
+    the wrong request); the backward request reports the failure instead."""
+    from gpucnn.parallel.serve import _ModelCopies
+
+    model = build("softmax")
+    outputs = workers.SharedFile()
+    layout = workers.Layout()
+    grads_at = {name: layout.place(v.shape, v.dtype) for name, v in model.params.items()}
+    outputs.resize(layout.end)
+    copies = _ModelCopies(outputs)
+    x, labels = rng.standard_normal((8, 3, 9, 9)), rng.integers(0, 3, 8)
+    views = {"x": x, "labels": labels, **{f"param/{k}": v for k, v in model.params.items()}}
+    copies.forward("key", model.config(), views, grads_at)
+    held = copies.models["key"]
+    held.backward = lambda: (_ for _ in ()).throw(MemoryError("no room for gradients"))
+    copies.gradients_ahead("key")  # swallowed: the forward was answered already
+    with pytest.raises(MemoryError, match="no room"):
+        copies.backward("key")  # ...and reported here, in answer to the backward
+    del held.backward  # it works again: the gradients are written and equal the unsplit
+    copies.backward("key")
+    model.loss(x, labels, penalty=False)
+    for name, value in model.backward().items():
+        np.testing.assert_allclose(outputs.views(grads_at)[name], value, rtol=1e-12)
+    outputs.close()

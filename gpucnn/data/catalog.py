@@ -113,12 +113,21 @@ LOADERS: dict[str, Callable[[str, DataOptions], Dataset]] = {
 DATASETS = tuple(LOADERS)
 
 
-def load_dataset(name: str, path: str | None = None, **settings: Any) -> Dataset:
-    """Load dataset ``name`` (one of DATASETS) with seeded, stratified splits;
-    ``settings`` are the other :class:`DataOptions` fields."""
+def load_dataset(
+    name: str,
+    path: str | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    n_per_class: int = 50,
+    noise: float = 0.3,
+    normalize: bool = True,
+) -> Dataset:
+    """Load dataset ``name`` (one of DATASETS) with seeded, stratified splits; the
+    settings are :class:`DataOptions`'s."""
     if name not in LOADERS:
         raise DataError(f"dataset {name!r} is not known; allowed: {', '.join(DATASETS)}")
-    options = DataOptions(path=path, **settings)
+    options = DataOptions(path, val_fraction, test_fraction, seed, n_per_class, noise, normalize)
     for what in ("val_fraction", "test_fraction"):
         value = getattr(options, what)
         if not 0 <= value < 1:

@@ -84,9 +84,15 @@ class _ModelCopies:
         return model.last_output, value
 
     def gradients_ahead(self, key: str) -> None:
-        """Write the last forward's gradients now if a backward is expected."""
+        """Write the last forward's gradients now if a backward is expected. Never
+        raises: the forward is answered already, and a second answer to one request
+        would pair every later reply with the wrong request. A failure here happens
+        again, and is reported, when the parent asks for these gradients."""
         if self.state[key].ahead:
-            self._write_gradients(key)
+            try:
+                self._write_gradients(key)
+            except Exception:  # noqa: BLE001 - see above
+                self.state[key].ready = False
 
     def backward(self, key: str) -> None:
         """Make sure the last forward's gradients are in the shared file."""

@@ -45,8 +45,10 @@ class BatchSplit:
     """``model`` with each batch computed in slices, in parallel, where that pays.
 
     ``loss``, ``backward``, ``forward``, ``params``, ``grads`` and ``last_output`` mean
-    what they mean on the model. After ``backward`` the model's own ``grads`` and its
-    layers' ``grads`` hold the whole batch's gradients, as after an unsplit step.
+    what they mean on the model. Every slice here runs on a replica of the model, so the
+    model itself is never left holding one slice's state: after ``loss`` its
+    ``last_output`` is the whole batch's, and after ``backward`` its ``grads`` and its
+    layers' ``grads`` are the whole batch's, as after an unsplit step.
     """
 
     def __init__(self, model: Sequential) -> None:
@@ -55,7 +57,7 @@ class BatchSplit:
         self.last_output: Array | None = None
         self.slices: list[slice] = []  # of the last loss()
         self.remote_slices = 0  # how many of them went to worker processes
-        self._replicas: list[Sequential] = []  # slices 1..K-1 in threads
+        self._replicas: list[Sequential] = []  # one per slice computed in this process
         self._penalized = False
         self._loss_ready = False
 
@@ -73,20 +75,26 @@ class BatchSplit:
             slices = batch_slices(self.model.backend.xp, n, min_samples, OWN_SLICE_EXTRA)
             helpers = workers.pool(len(slices) - 1) if len(slices) > 1 else None
             if helpers is not None:
+                self._ready_replicas(1)
                 return slices, helpers
         return self._slices_in_threads(n), None
 
     def _slices_in_threads(self, n: int) -> list[slice]:
-        """The slices for ``n`` samples, with a replica of the model ready for each but
-        the first (made here, on the calling thread, never inside a slice)."""
+        """The slices for ``n`` samples, with a replica of the model ready for each (made
+        here, on the calling thread, never inside a slice)."""
         slices = batch_slices(self.model.backend.xp, n, threads.settings().min_thread_slice)
-        while len(self._replicas) < len(slices) - 1:
-            self._replicas.append(self.model.replica())
+        self._ready_replicas(len(slices))
         return slices
 
+    def _ready_replicas(self, count: int) -> None:
+        if self._replicas and self._replicas[0].backend is not self.model.backend:
+            self._replicas = []  # the model moved (Sequential.to): replicas follow it
+        while len(self._replicas) < count:
+            self._replicas.append(self.model.replica())
+
     def _part(self, k: int) -> Sequential:
-        """The model that computes slice k: the model itself for k = 0, else a replica."""
-        return self.model if k == 0 else self._replicas[k - 1]
+        """The replica that computes slice k in this process."""
+        return self._replicas[k]
 
     # -- computation -----------------------------------------------------------------
     def forward(self, x: Any) -> Array:
@@ -153,13 +161,15 @@ class BatchSplit:
             results = self._backward_in_workers(workers.running(self.remote_slices), backward_part)
         else:
             results = run_slices(self.slices, backward_part)
-        if len(results) > 1:  # weighted sum into the model's own layers
-            weights = slice_weights(self.slices)
-            for i, layer in enumerate(model.layers):
-                for key in layer.grads:
-                    layer.grads[key] = sum(
-                        w * part[i][key] for w, part in zip(weights, results, strict=True)
-                    )
+        weights = slice_weights(self.slices)
+        for i, layer in enumerate(model.layers):  # the whole batch's, into the model's layers
+            if len(results) == 1:
+                layer.grads = dict(results[0][i])
+            else:
+                layer.grads = {
+                    key: sum(w * part[i][key] for w, part in zip(weights, results, strict=True))
+                    for key in results[0][i]
+                }
         grads = {f"{layer.name}.{k}": v for layer in model.layers for k, v in layer.grads.items()}
         if self._penalized:
             for key, value in model.penalty_gradients().items():
@@ -250,7 +260,7 @@ def run_slices(slices: list[slice], body: Callable[[int, slice], T]) -> list[T]:
     """
     if len(slices) == 1:
         return [body(0, slices[0])]
-    pool = threads.executor("slice", threads.settings().batch_slices - 1)
+    pool = threads.executor("slice", len(slices) - 1)
     with threads.blas_share(len(slices)):
         futures = [pool.submit(_run_slice, body, k, slices[k]) for k in range(1, len(slices))]
         try:
