@@ -67,6 +67,14 @@ class BatchSplit:
         return self.model.params
 
     # -- how a batch is cut ----------------------------------------------------------
+    def _slices_for(self, n: int) -> tuple[list[slice], list[workers.Worker] | None]:
+        """The slices of a training batch of ``n`` samples, and its worker processes."""
+        current = threads.settings()
+        if n < 2 * min(current.min_thread_slice, current.min_process_slice):
+            self._ready_replicas(1)  # too small to split anywhere: skip the planning
+            return [slice(0, n)], None
+        return self._slices_in_workers(n)
+
     def _slices_in_workers(self, n: int) -> tuple[list[slice], list[workers.Worker] | None]:
         """The slices for ``n`` samples and a worker process for each but the first, or
         (thread slices, None) where workers cannot take them."""
@@ -115,7 +123,24 @@ class BatchSplit:
         model = self.model
         x = model.prepare_input(x)
         labels = model.prepare_labels(labels, x.shape[0])  # checked whole, before any split
-        slices, helpers = self._slices_in_workers(x.shape[0])
+        slices, helpers = self._slices_for(x.shape[0])
+        if len(slices) == 1:  # the common case on CuPy and for small batches: no bookkeeping
+            self.slices, self.remote_slices = slices, 0
+            value = self._replicas[0].data_loss(x, labels)
+            self.last_output = self._replicas[0].last_output
+        else:
+            value = self._loss_in_slices(x, labels, slices, helpers)
+        model.last_output = self.last_output
+        self._penalized = bool(penalty and model.l2)
+        if self._penalized:
+            value = value + model.penalty()
+        self._loss_ready = True
+        return value
+
+    def _loss_in_slices(
+        self, x: Array, labels: Array, slices: list[slice], helpers: list[workers.Worker] | None
+    ) -> Array:
+        """The mean data loss of a batch cut in several slices (``last_output`` too)."""
 
         def forward_part(k: int, part: slice) -> tuple[Array, Array]:
             replica = self._part(k)
@@ -133,18 +158,12 @@ class BatchSplit:
         if results is None:
             results = run_slices(slices, forward_part)
         self.slices = slices
-        if len(results) == 1:
+        if len(results) == 1:  # a worker died and the thread plan has one slice
             self.last_output, value = results[0]
-        else:
-            self.last_output = model.backend.xp.concatenate([net for net, _ in results])
-            weights = slice_weights(slices)
-            value = sum(w * part_loss for w, (_, part_loss) in zip(weights, results, strict=True))
-        model.last_output = self.last_output
-        self._penalized = bool(penalty and model.l2)
-        if self._penalized:
-            value = value + model.penalty()
-        self._loss_ready = True
-        return value
+            return value
+        self.last_output = self.model.backend.xp.concatenate([net for net, _ in results])
+        weights = slice_weights(slices)
+        return sum(w * part_loss for w, (_, part_loss) in zip(weights, results, strict=True))
 
     def backward(self) -> dict[str, Array]:
         """Backpropagate the last :meth:`loss`; fills and returns ``grads`` by name."""
@@ -157,20 +176,26 @@ class BatchSplit:
             replica.backward()
             return [layer.grads for layer in replica.layers]
 
-        if self.remote_slices:
-            results = self._backward_in_workers(workers.running(self.remote_slices), backward_part)
+        if len(self.slices) == 1:  # the whole batch on one replica: its gradients as they are
+            replica = self._replicas[0]
+            grads = dict(replica.backward())
+            for layer, twin in zip(model.layers, replica.layers, strict=True):
+                layer.grads = twin.grads
         else:
-            results = run_slices(self.slices, backward_part)
-        weights = slice_weights(self.slices)
-        for i, layer in enumerate(model.layers):  # the whole batch's, into the model's layers
-            if len(results) == 1:
-                layer.grads = dict(results[0][i])
+            if self.remote_slices:
+                helpers = workers.running(self.remote_slices)
+                results = self._backward_in_workers(helpers, backward_part)
             else:
+                results = run_slices(self.slices, backward_part)
+            weights = slice_weights(self.slices)
+            for i, layer in enumerate(model.layers):  # weighted sums, into the model's layers
                 layer.grads = {
                     key: sum(w * part[i][key] for w, part in zip(weights, results, strict=True))
                     for key in results[0][i]
                 }
-        grads = {f"{layer.name}.{k}": v for layer in model.layers for k, v in layer.grads.items()}
+            grads = {
+                f"{layer.name}.{k}": v for layer in model.layers for k, v in layer.grads.items()
+            }
         if self._penalized:
             for key, value in model.penalty_gradients().items():
                 grads[key] = grads[key] + value
