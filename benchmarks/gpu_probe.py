@@ -93,10 +93,13 @@ def conv_layer_rates(name: str) -> None:
     import numpy as np  # noqa: PLC0415
     from bench import build_gpucnn  # noqa: PLC0415
 
+    from gpucnn.array.im2col import nchw_to_internal  # noqa: PLC0415
+
     net = NETS[name]
     model = build_gpucnn(net, "cupy")
     rng = np.random.default_rng(0)
-    h = model.prepare_input(rng.standard_normal((net.batch, *net.input_shape)))
+    # The layers' _forward takes the internal (C, H, W, N) layout; prepare_input gives NCHW.
+    h = nchw_to_internal(model.prepare_input(rng.standard_normal((net.batch, *net.input_shape))))
     a = cupy.asarray(rng.standard_normal((4096, 4096)), dtype=cupy.float32)
     gemm = 2 * 4096**3 / gpu_ms(lambda: a @ a, 10) / 1e6
     print(f"{name}: cuBLAS float32 GEMM 4096^3 {gemm:,.0f} GFLOP/s")
