@@ -7,14 +7,18 @@ once per epoch, so a CuPy step never waits for the host.
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from gpucnn.array import threads
 from gpucnn.array.backend import Array, to_host
-from gpucnn.interrupts import raise_if_interrupted
+from gpucnn.interrupts import raise_if_interrupted, stop_requested
+from gpucnn.nn.checkpoint import Progress, save_checkpoint
 from gpucnn.nn.losses import LogisticLogLikelihood
 from gpucnn.nn.model import Sequential
 from gpucnn.nn.optim import Optimizer
@@ -121,6 +125,29 @@ def check_trainer_settings(trainer: dict[str, Any]) -> None:
         raise ValueError(f"trainer.l2 must be a number >= 0, got {l2!r}")
 
 
+@dataclass
+class Checkpoints:
+    """Where and how often :func:`fit` writes a checkpoint it can go on from: every
+    ``every`` epochs (0: none but the last), at the end of training, and at a requested
+    stop (SIGTERM, see :mod:`gpucnn.interrupts`). Each one replaces the previous at
+    ``path`` atomically and goes to the tracker (``log_file(path, "checkpoint")``).
+    ``extra`` (JSON) is kept in the checkpoint's progress for the caller."""
+
+    path: Path
+    every: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingStopped(Exception):
+    """Training stopped at a step boundary because a stop was requested (SIGTERM); the
+    state there is in ``checkpoint`` (None when fit had nowhere to write it)."""
+
+    def __init__(self, signal_number: int, step: int, checkpoint: Path | None) -> None:
+        where = f"; checkpoint {checkpoint}" if checkpoint else ""
+        super().__init__(f"stopped by signal {signal_number} before step {step + 1}{where}")
+        self.signal_number, self.step, self.checkpoint = signal_number, step, checkpoint
+
+
 def fit(
     model: Sequential | BatchSplit,
     optimizer: Optimizer,
@@ -133,6 +160,8 @@ def fit(
     tracker: Tracker | None = None,
     progress: bool | None = None,
     split_batches: bool = True,
+    checkpoints: Checkpoints | None = None,
+    resume: Progress | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` (a :class:`gpucnn.data.Dataset`), report to ``tracker``.
 
@@ -140,6 +169,12 @@ def fit(
     model (slices in parallel where that pays) unless ``split_batches`` is false or
     ``model`` is a wrapper already. ``progress=None`` shows a bar per epoch only when
     stderr is a terminal.
+
+    With ``checkpoints``, the state is saved as they say. ``resume`` (a checkpoint's
+    :class:`~gpucnn.nn.checkpoint.Progress`, with the model and optimizer loaded from the
+    same checkpoint) continues a run where it stopped: everything logged and the final
+    parameters are bit for bit those of the run never stopped, given the same batch
+    split. Each epoch's metrics and step losses reach the tracker when the epoch ends.
     """
     _check_loop_settings(epochs, batch_size, log_every, kernels_every)
     model, runner = _model_and_runner(model, split_batches)
@@ -147,30 +182,42 @@ def fit(
     _check_labels_once(model, data)
     train = _TrainingSplit(model, data)
     rng = model.backend.random(seed)
-    step_losses = _StepLosses(tracker, log_every, model.backend.xp)
+    at = _starting_point(model, rng, resume, split_batches)
+    step_losses = _StepLosses(tracker, log_every, model.backend.xp, at.step)
+    saver = _Saver(checkpoints, model, optimizer, tracker)
     show = sys.stderr.isatty() if progress is None else progress
-    metrics = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
-    result = TrainResult(history={k: [] for k in metrics})
-    seconds = 0.0
-    _log_kernels(model, tracker, 0, kernels_every)
-    for epoch in range(1, epochs + 1):
-        bar = _progress_bar(show, -(-train.size // batch_size), epoch, epochs)
+    if at.epoch == at.step == 0:
+        _log_kernels(model, tracker, 0, kernels_every)
+    for epoch in range(at.epoch + 1, epochs + 1):
+        bar = _progress_bar(show, -(-train.size // batch_size), epoch, epochs, at.batch)
         started = time.perf_counter()
+        at.order_state = rng.state()  # before this epoch's shuffle
         order = model.backend.asarray(rng.permutation(train.size))
-        epoch_metrics = _train_epoch(runner, optimizer, train, order, batch_size, step_losses, bar)
-        seconds += time.perf_counter() - started
+        try:
+            epoch_metrics = _train_epoch(
+                runner, optimizer, train, order, batch_size, step_losses, bar, at, saver
+            )
+        except DivergedError as err:
+            raise saver.diverged(err) from None
+        at.seconds += time.perf_counter() - started
         if len(data.y_val):  # no validation split (val_fraction=0): no val metrics, not NaN
             val = _evaluate(model, runner, data.x_val, data.y_val)
             epoch_metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         for key, value in epoch_metrics.items():
-            result.history[key].append(value)
-        speed = train.size / max(seconds / epoch, 1e-9)
+            at.history.setdefault(key, []).append(value)
+        speed = train.size * (epoch - _first_epoch(resume)) / max(at.seconds, 1e-9)
         tracker.log_metrics({**epoch_metrics, "epoch_images_per_second": speed}, step=epoch)
+        tracker.flush()  # this epoch is in the store, whatever happens next
         _close_progress_bar(bar, epoch_metrics)
         _log_kernels(model, tracker, epoch, kernels_every, final=epoch == epochs)
-    step_losses.flush()
-    result.steps = step_losses.steps
-    result.images_per_second = train.size * epochs / max(seconds, 1e-9)
+        at.epoch, at.batch, at.order_state = epoch, 0, rng.state()
+        at.loss_sum, at.correct = _zero_sums(train)
+        if saver.due(epoch, epochs):
+            saver.save(at)
+    metrics = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    result = TrainResult(history={k: list(at.history.get(k, [])) for k in metrics})
+    result.steps = at.step
+    result.images_per_second = train.size * (epochs - _first_epoch(resume)) / max(at.seconds, 1e-9)
     test = _evaluate(model, runner, data.x_test, data.y_test)
     result.confusion = test.pop("confusion")
     result.test = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
@@ -178,6 +225,78 @@ def fit(
     tracker.log_metrics({**result.test, **speed}, step=result.steps)
     tracker.flush()
     return result
+
+
+def _first_epoch(resume: Progress | None) -> float:
+    """Epochs done before this call (a part-done epoch counts in part), for images/s."""
+    return 0.0 if resume is None else float(resume.epoch)
+
+
+def _starting_point(
+    model: Sequential, rng: Any, resume: Progress | None, split_batches: bool
+) -> Progress:
+    """The progress to start from: fresh, or ``resume`` with the order generator set
+    back to it (its partial sums moved to the model's backend)."""
+    if resume is None:
+        zeros = model.backend.xp.zeros
+        return Progress(
+            epoch=0,
+            step=0,
+            batch=0,
+            order_state=rng.state(),
+            loss_sum=zeros((), dtype=model.dtype),
+            correct=zeros((), dtype="int64"),
+            batch_split=_batch_split_record(split_batches),
+        )
+    at = copy.deepcopy(resume)
+    rng.set_state(at.order_state)
+    at.loss_sum = model.backend.asarray(at.loss_sum).astype(model.dtype)
+    at.correct = model.backend.asarray(at.correct).astype("int64")
+    at.batch_split = _batch_split_record(split_batches)
+    return at
+
+
+def _batch_split_record(split_batches: bool) -> dict[str, Any]:
+    """How batches are being cut, for the checkpoint (the cut changes the rounding)."""
+    current = threads.settings()
+    fields = ("batch_slices", "min_thread_slice", "min_process_slice", "worker_processes")
+    return {"split_batches": split_batches, **{k: getattr(current, k) for k in fields}}
+
+
+def _zero_sums(train: _TrainingSplit) -> tuple[Array, Array]:
+    return train.xp.zeros((), dtype=train.dtype), train.xp.zeros((), dtype="int64")
+
+
+class _Saver:
+    """Writes fit's checkpoints, as its Checkpoints say (nothing without them)."""
+
+    def __init__(
+        self, plan: Checkpoints | None, model: Sequential, optimizer: Optimizer, tracker: Tracker
+    ) -> None:
+        self.plan, self.model, self.optimizer, self.tracker = plan, model, optimizer, tracker
+        self.last: Path | None = None  # the last checkpoint written
+        self.last_step = 0
+
+    def due(self, epoch: int, epochs: int) -> bool:
+        every = self.plan.every if self.plan else 0
+        return self.plan is not None and (epoch == epochs or (every > 0 and epoch % every == 0))
+
+    def save(self, at: Progress) -> Path | None:
+        if self.plan is None:
+            return None
+        at.extra = dict(self.plan.extra)
+        self.last = save_checkpoint(self.plan.path, self.model, self.optimizer, at)
+        self.last_step = at.step
+        self.tracker.log_file(self.last, "checkpoint")
+        return self.last
+
+    def diverged(self, err: DivergedError) -> DivergedError:
+        """``err`` naming the last good checkpoint, which stays as it was."""
+        if self.last is None:
+            return DivergedError(f"{err}; no checkpoint was written before it")
+        return DivergedError(
+            f"{err}; the last good checkpoint is {self.last} (step {self.last_step})"
+        )
 
 
 def _check_labels_once(model: Sequential, data: Any) -> None:
@@ -211,24 +330,38 @@ def _train_epoch(
     batch_size: int,
     step_losses: _StepLosses,
     bar: Any,
+    at: Progress,
+    saver: _Saver,
 ) -> dict[str, float]:
-    """One pass over the training split in ``order``: a step per batch. Returns the
-    epoch's mean training loss and accuracy (read from the device once, at the end)."""
-    xp = train.xp
-    loss_sum = xp.zeros((), dtype=train.dtype)
-    correct = xp.zeros((), dtype="int64")
-    for start in range(0, train.size, batch_size):
+    """One pass over the training split in ``order``, from batch ``at.batch`` on (a
+    resumed epoch starts part-way, with its partial sums): a step per batch. Returns the
+    epoch's mean training loss and accuracy (read from the device once, at the end).
+
+    At every step boundary a requested stop (SIGTERM) saves the state there and raises
+    TrainingStopped."""
+    loss_sum, correct = at.loss_sum, at.correct
+    for batch, start in enumerate(range(0, train.size, batch_size)):
+        if batch < at.batch:
+            continue  # done before the run stopped
         raise_if_interrupted()  # a Ctrl-C that Python dropped (see sticky_interrupts)
+        signal_number = stop_requested()
+        if signal_number:
+            at.batch, at.loss_sum, at.correct = batch, loss_sum, correct
+            step_losses.flush()
+            step_losses.tracker.flush()
+            raise TrainingStopped(signal_number, at.step, saver.save(at))
         index = order[start : start + batch_size]
         loss = runner.loss(train.x[index], train.labels[index])
         optimizer.step(runner.params, runner.backward())
         loss_sum += loss * len(index)
         correct += (train.head.predict(runner.last_output) == train.classes[index]).sum()
+        at.step += 1
         shown = step_losses.add(loss)
         if bar is not None:
             if shown:
                 bar.set_postfix(loss=f"{shown[-1]:.4f}")
             bar.update(1)
+    step_losses.flush()  # the epoch's step losses, read and checked before its metrics
     return {
         "train_loss": float(to_host(loss_sum)) / train.size,
         "train_accuracy": float(to_host(correct)) / train.size,
@@ -239,10 +372,10 @@ class _StepLosses:
     """Each step's training loss, kept on the device and read, logged as
     ``train_loss_step`` and checked for divergence once per ``every`` steps."""
 
-    def __init__(self, tracker: Tracker, every: int, xp: Any) -> None:
+    def __init__(self, tracker: Tracker, every: int, xp: Any, steps: int = 0) -> None:
         self.tracker, self.every, self.xp = tracker, every, xp
         self.pending: list[Array] = []
-        self.steps = 0  # steps taken so far
+        self.steps = steps  # steps taken so far
 
     def add(self, loss: Array) -> list[float]:
         """Count a step; the interval's losses when this step completed one, else []."""
@@ -297,7 +430,7 @@ def _close_progress_bar(bar: Any, metrics: dict[str, float]) -> None:
     bar.close()
 
 
-def _progress_bar(show: bool, total: int, epoch: int, epochs: int) -> Any:
+def _progress_bar(show: bool, total: int, epoch: int, epochs: int, done: int = 0) -> Any:
     if not show:
         return None
     try:
@@ -306,6 +439,7 @@ def _progress_bar(show: bool, total: int, epoch: int, epochs: int) -> Any:
         return None
     return tqdm(
         total=total,
+        initial=done,
         desc=f"epoch {epoch}/{epochs}",
         leave=True,
         unit="batch",

@@ -72,3 +72,34 @@ def raise_if_interrupted() -> None:
     training loop asks once per step, in case the first one was dropped)."""
     if _INTERRUPTED[0]:
         raise KeyboardInterrupt
+
+
+_STOP = [0]  # the signal that asked training to stop, inside stop_on_signals()
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
+    """Within the block, SIGTERM (what schedulers send before they kill a job) asks the
+    training loop to stop at its next step boundary instead of killing the process:
+    :func:`stop_requested` then returns the signal's number. Off the main thread, where
+    Python delivers no signals, this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def remember(signum: int, frame: Any) -> None:
+        _STOP[0] = _STOP[0] or signum
+
+    previous = {number: signal.signal(number, remember) for number in signals}
+    _STOP[0] = 0
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        _STOP[0] = 0
+
+
+def stop_requested() -> int:
+    """The number of the signal that asked to stop (0: none); the loop asks once a step."""
+    return _STOP[0]

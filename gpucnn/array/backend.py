@@ -19,6 +19,7 @@ Dtype policy
 
 from __future__ import annotations
 
+import copy
 import numbers
 import sys
 from dataclasses import dataclass
@@ -179,6 +180,16 @@ class Random:
     def permutation(self, n: int) -> numpy.ndarray:
         """A host index permutation (used to shuffle host-side datasets)."""
         return self.generator.permutation(n)
+
+    def state(self) -> dict[str, Any]:
+        """The generator's state (plain JSON-able values): a checkpoint keeps it."""
+        return copy.deepcopy(self.generator.bit_generator.state)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Go back to a state from :meth:`state`: the same draws follow."""
+        if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
+            raise ValueError(f"not a PCG64 generator state: {state!r}"[:200])
+        self.generator.bit_generator.state = state
 
 
 _ANNOUNCED: set[str] = set()

@@ -1,0 +1,138 @@
+"""A run stopped by SIGTERM at any step and resumed from its checkpoint ends bit for bit as
+the run never stopped: parameters, optimizer state, every logged loss and accuracy.
+In-process here; tests/test_train_app.py sends the signal to a real training process."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from gpucnn import Adam, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, SoftmaxCrossEntropy
+from gpucnn.array import threads
+from gpucnn.data import load_dataset
+from gpucnn.fit import Checkpoints, TrainingStopped, fit
+from gpucnn.interrupts import stop_on_signals
+from gpucnn.nn.checkpoint import read_checkpoint
+from gpucnn.nn.model import load_checkpoint
+from gpucnn.parallel import workers
+from gpucnn.tracking import Tracker
+
+EPOCHS, BATCH = 3, 64
+
+
+class Recorder(Tracker):
+    """Keeps what a run logs; sends SIGTERM to this process once step ``stop_at`` is
+    logged (log_every=1: every step is logged when it is taken)."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.stop_at, self.steps, self.epochs, self.final, self.files = stop_at, {}, {}, {}, []
+
+    def log_metric_history(self, key, values, first_step):
+        for offset, value in enumerate(values):
+            self.steps[first_step + offset] = value
+            if first_step + offset == self.stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def log_metrics(self, metrics, step):
+        kept = {k: v for k, v in metrics.items() if "per_second" not in k}  # times differ
+        (self.final if "test_loss" in metrics else self.epochs).setdefault(step, {}).update(kept)
+
+    def log_file(self, path, folder=None):
+        self.files.append((str(path), folder))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", seed=0)
+
+
+def build(data, dtype):
+    layers = [Conv2D(6, 3, padding="same"), ReLU(), MaxPool2D(2), Flatten(), Dense(10)]
+    return Sequential(layers, SoftmaxCrossEntropy(), data.input_shape, dtype=dtype, seed=3, l2=1e-3)
+
+
+def train(data, model, optimizer, tracker, path, resume=None):
+    return fit(
+        model,
+        optimizer,
+        data,
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        seed=5,
+        log_every=1,
+        kernels_every=0,
+        tracker=tracker,
+        progress=False,
+        checkpoints=Checkpoints(path, every=1),
+        resume=resume,
+    )
+
+
+@pytest.fixture(params=["threads", "workers"])
+def batch_split(request):
+    """Unsplit (one thread) or split in two, half of each batch in a worker process."""
+    if request.param == "threads":
+        with threads.configured(batch_slices=1):
+            yield request.param
+        return
+    if os.name != "posix":
+        pytest.skip("worker processes need POSIX")
+    workers.reset()
+    with threads.configured(batch_slices=2, worker_processes=True, min_process_slice=16):
+        yield request.param
+    workers.reset()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("stop_at", [0, 7, 21, 30])  # before step 1, mid-epoch, at an epoch end
+def test_a_run_stopped_anywhere_resumes_bit_for_bit(digits, dtype, stop_at, batch_split, tmp_path):
+    steps_per_epoch = -(-len(digits.y_train) // BATCH)
+    assert steps_per_epoch == 21  # so step 21 ends the first epoch
+    whole = Recorder()
+    model, optimizer = build(digits, dtype), Adam(3e-3)
+    result = train(digits, model, optimizer, whole, tmp_path / "whole.npz")
+
+    stopped = Recorder(stop_at=stop_at)
+    path = tmp_path / "stopped.npz"
+    with stop_on_signals():
+        if stop_at == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(TrainingStopped) as stop:
+            train(digits, build(digits, dtype), Adam(3e-3), stopped, path)
+    assert stop.value.step == stop_at and stop.value.checkpoint == path
+    assert stopped.files[-1] == (str(path), "checkpoint")  # handed to the tracker too
+
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.progress.step == stop_at
+    assert checkpoint.progress.batch_split["batch_slices"] == threads.settings().batch_slices
+    resumed_model, resumed_optimizer = load_checkpoint(path)
+    resumed = Recorder()
+    again = train(
+        digits, resumed_model, resumed_optimizer, resumed, path, resume=checkpoint.progress
+    )
+
+    for key, value in model.params.items():
+        assert np.array_equal(resumed_model.params[key], value), key
+    for key, value in optimizer.state_dict().items():
+        assert np.array_equal(resumed_optimizer.state_dict()[key], value), key
+    assert resumed_optimizer.steps == optimizer.steps
+    assert {**stopped.steps, **resumed.steps} == whole.steps  # every step's loss, once
+    assert set(stopped.steps).isdisjoint(resumed.steps)
+    epochs = dict(stopped.epochs)
+    for epoch, values in resumed.epochs.items():
+        epochs.setdefault(epoch, {}).update(values)
+    assert epochs == whole.epochs and resumed.final == whole.final
+    assert again.history == result.history and again.test == result.test
+
+
+def test_a_checkpoint_is_never_written_from_non_finite_parameters(digits, tmp_path):
+    from gpucnn.nn.checkpoint import save_checkpoint
+
+    model = build(digits, "float32")
+    model.params["dense1.weight"][0, 0] = np.nan
+    with pytest.raises(FloatingPointError, match="dense1.weight holds NaN"):
+        save_checkpoint(tmp_path / "bad.npz", model)
+    assert not list(tmp_path.iterdir())
