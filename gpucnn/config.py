@@ -97,6 +97,7 @@ class TrainerConfig:
     l2: float = 0.0
     log_every: int = 10  # steps between reads of the per-step loss
     kernels_every: int = 1  # epochs between kernel images (0: never)
+    checkpoint_every: int = 1  # epochs between checkpoints (0: only the last; always at a stop)
     dtype: DType = DType.float32
 
 
@@ -109,6 +110,7 @@ class TrackingConfig:
 
 @dataclass
 class Config:
+    resume: str | None = None  # a run id, or a checkpoint file: continue that run
     backend: BackendName = BackendName.auto
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

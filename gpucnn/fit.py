@@ -111,6 +111,10 @@ def _check_loop_settings(epochs: Any, batch_size: Any, log_every: Any, kernels_e
     _check_int(kernels_every, "trainer.kernels_every", 0, " (0: never)")
 
 
+def _check_checkpoint_every(every: Any) -> None:
+    _check_int(every, "trainer.checkpoint_every", 0, " (0: only the last)")
+
+
 def check_trainer_settings(trainer: dict[str, Any]) -> None:
     """Raise a one-line ValueError for a trainer setting outside its range."""
     _check_loop_settings(
@@ -120,6 +124,7 @@ def check_trainer_settings(trainer: dict[str, Any]) -> None:
         trainer.get("kernels_every", 0),
     )
     _check_int(trainer.get("seed", 0), "trainer.seed", 0)
+    _check_checkpoint_every(trainer.get("checkpoint_every", 1))
     l2 = trainer.get("l2", 0.0)
     if l2 is not None and (not isinstance(l2, (int, float)) or l2 < 0):
         raise ValueError(f"trainer.l2 must be a number >= 0, got {l2!r}")
@@ -205,7 +210,7 @@ def fit(
             epoch_metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         for key, value in epoch_metrics.items():
             at.history.setdefault(key, []).append(value)
-        speed = train.size * (epoch - _first_epoch(resume)) / max(at.seconds, 1e-9)
+        speed = train.size * epoch / max(at.seconds, 1e-9)  # both over the whole run
         tracker.log_metrics({**epoch_metrics, "epoch_images_per_second": speed}, step=epoch)
         tracker.flush()  # this epoch is in the store, whatever happens next
         _close_progress_bar(bar, epoch_metrics)
@@ -217,7 +222,7 @@ def fit(
     metrics = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
     result = TrainResult(history={k: list(at.history.get(k, [])) for k in metrics})
     result.steps = at.step
-    result.images_per_second = train.size * (epochs - _first_epoch(resume)) / max(at.seconds, 1e-9)
+    result.images_per_second = train.size * epochs / max(at.seconds, 1e-9)
     test = _evaluate(model, runner, data.x_test, data.y_test)
     result.confusion = test.pop("confusion")
     result.test = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
@@ -225,11 +230,6 @@ def fit(
     tracker.log_metrics({**result.test, **speed}, step=result.steps)
     tracker.flush()
     return result
-
-
-def _first_epoch(resume: Progress | None) -> float:
-    """Epochs done before this call (a part-done epoch counts in part), for images/s."""
-    return 0.0 if resume is None else float(resume.epoch)
 
 
 def _starting_point(
@@ -287,7 +287,7 @@ class _Saver:
         at.extra = dict(self.plan.extra)
         self.last = save_checkpoint(self.plan.path, self.model, self.optimizer, at)
         self.last_step = at.step
-        self.tracker.log_file(self.last, "checkpoint")
+        self.tracker.log_checkpoint(self.last, at.epoch, at.step)
         return self.last
 
     def diverged(self, err: DivergedError) -> DivergedError:
@@ -340,6 +340,7 @@ def _train_epoch(
     At every step boundary a requested stop (SIGTERM) saves the state there and raises
     TrainingStopped."""
     loss_sum, correct = at.loss_sum, at.correct
+    started = time.perf_counter()  # (the part of an epoch before a stop counts too)
     for batch, start in enumerate(range(0, train.size, batch_size)):
         if batch < at.batch:
             continue  # done before the run stopped
@@ -347,6 +348,7 @@ def _train_epoch(
         signal_number = stop_requested()
         if signal_number:
             at.batch, at.loss_sum, at.correct = batch, loss_sum, correct
+            at.seconds += time.perf_counter() - started
             step_losses.flush()
             step_losses.tracker.flush()
             raise TrainingStopped(signal_number, at.step, saver.save(at))

@@ -4,9 +4,13 @@
     python -m gpucnn.train experiment=digits optimizer.lr=0.01 trainer.epochs=5
     python -m gpucnn.train -m experiment=digits optimizer.lr=0.001,0.01   # a sweep
 
+    python -m gpucnn.train resume=<run id>                                 # go on with a run
+
 Everything that can be wrong with the input (config values, data path, model shapes,
 backend) is checked before an MLflow run is created. A run always ends FINISHED, FAILED
-(with the error as the tag ``gpucnn.error``) or KILLED (Ctrl-C).
+(with the error as the tag ``gpucnn.error``) or KILLED (Ctrl-C, or SIGTERM: then at a
+step boundary, with a checkpoint to resume from). A run whose process died without a
+word is marked FAILED by the next gpucnn.train or gpucnn.evaluate on the same host.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from gpucnn.array.backend import BackendUnavailableError, get_backend, to_host
+from gpucnn.array.threads import configured as cpu_configured
 from gpucnn.array.threads import settings as cpu_settings
 from gpucnn.config import (
     build_model,
@@ -32,16 +37,21 @@ from gpucnn.config import (
     to_containers,
 )
 from gpucnn.data import DataError, Dataset, load_data
-from gpucnn.fit import DivergedError, check_trainer_settings, fit
-from gpucnn.interrupts import deferred_interrupt, sticky_interrupts
-from gpucnn.nn.model import save_checkpoint
+from gpucnn.fit import Checkpoints, DivergedError, TrainingStopped, check_trainer_settings, fit
+from gpucnn.interrupts import deferred_interrupt, sticky_interrupts, stop_on_signals
+from gpucnn.nn.model import load_checkpoint
+from gpucnn.resume import Resumption, prepare_resumption
+from gpucnn.tracking.liveness import this_process
 from gpucnn.tracking.mlflow_store import (
+    CHECKPOINT_TAG,
     PARENT_RUN_ENV,
     PARENT_RUN_FILE,
+    RESUMABLE_TAG,
     MlflowTracker,
     ensure_experiment,
     flatten_params,
     git_commit,
+    mark_dead_runs,
     resolve_store,
     ui_command,
 )
@@ -92,61 +102,186 @@ def parent_run_id(hydra_cfg: Any) -> str | None:
 
 
 def run(cfg: DictConfig) -> float:
-    """One training job: check everything, then one MLflow run from start to end."""
+    """One training job: check everything, then one MLflow run from start to end (or a
+    stopped run continued, with ``resume=``)."""
     import mlflow  # noqa: PLC0415
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     config = to_containers(cfg)
+    launch_dir = hydra_cfg.runtime.cwd
+    resumption = None
+    if config.get("resume"):
+        if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
+            raise ValueError("resume= continues one run: drop -m (--multirun)")
+        uri, artifacts = resolve_store(config["tracking"]["uri"], launch_dir, create=False)
+        mlflow.set_tracking_uri(uri)
+        _report_dead_runs()
+        resumption = prepare_resumption(
+            config["resume"], list(hydra_cfg.overrides.task), config, output_dir
+        )
+        config = resumption.config
     backend, dataset, model, optimizer = prepare(config)
-    uri, artifacts = resolve_store(config["tracking"]["uri"], hydra_cfg.runtime.cwd)
-    mlflow.set_tracking_uri(uri)
+    digest = dataset.digest()
+    if resumption is not None:
+        model, optimizer = _resumed_model(resumption, model, backend, digest)
+    else:
+        uri, artifacts = resolve_store(config["tracking"]["uri"], launch_dir)
+        mlflow.set_tracking_uri(uri)
+        _report_dead_runs()
     experiment_id = ensure_experiment(config["tracking"]["experiment"], artifacts)
-    active = _start_run(mlflow, experiment_id, config, hydra_cfg, backend)
+    for note in resumption.notes if resumption else []:
+        print(note, file=sys.stderr, flush=True)
+    active = _start_run(mlflow, experiment_id, config, hydra_cfg, backend, resumption)
     with active:
         run_id = active.info.run_id
         try:
             tracker = MlflowTracker(run_id)
-            _log_inputs(tracker, cfg, config, dataset, model, output_dir)
-            trainer = config["trainer"]
-            result = fit(
-                model,
-                optimizer,
-                dataset,
-                epochs=trainer["epochs"],
-                batch_size=trainer["batch_size"],
-                seed=trainer["seed"],
-                log_every=trainer["log_every"],
-                kernels_every=trainer["kernels_every"],
-                tracker=tracker,
+            if resumption is None or resumption.run_id != run_id:
+                _log_inputs(tracker, config, dataset, model, output_dir, digest)
+            else:
+                _write_config(tracker, config, output_dir)
+            checkpoints = Checkpoints(
+                output_dir / "model.npz",
+                config["trainer"]["checkpoint_every"],
+                {"config": config, "run_id": run_id, "data_digest": digest},
             )
-            checkpoint = _log_outputs(tracker, model, optimizer, result, output_dir)
+            result = _train(model, optimizer, dataset, config, tracker, checkpoints, resumption)
+            _log_outputs(tracker, model, result, output_dir)
+        except TrainingStopped as stop:
+            _end_stopped(mlflow, run_id, stop)
+            stop.run_id = run_id
+            raise
         except KeyboardInterrupt:
+            _mark_resumable(mlflow, run_id)
             _mark_killed(mlflow)
             raise
         except BaseException as err:
             with deferred_interrupt():
                 mlflow.set_tag("gpucnn.error", f"{type(err).__name__}: {err}"[:5000])
+            _mark_resumable(mlflow, run_id)
             raise
-    summary(run_id, config, result, dataset.sizes(), checkpoint, uri, backend.name)
+        mlflow.set_tag(RESUMABLE_TAG, "false")  # it FINISHED
+    summary(run_id, config, result, dataset.sizes(), checkpoints.path, uri, backend.name)
     return result.test["test_accuracy"]
 
 
+def _train(
+    model: Any,
+    optimizer: Any,
+    dataset: Dataset,
+    config: dict[str, Any],
+    tracker: MlflowTracker,
+    checkpoints: Checkpoints,
+    resumption: Resumption | None,
+) -> Any:
+    """fit() as the config says; a resumed run cuts its batches as it did before."""
+    trainer = config["trainer"]
+    split = dict(resumption.progress.batch_split) if resumption else {}
+    split_batches = split.pop("split_batches", True)
+    with cpu_configured(**split):
+        return fit(
+            model,
+            optimizer,
+            dataset,
+            epochs=trainer["epochs"],
+            batch_size=trainer["batch_size"],
+            seed=trainer["seed"],
+            log_every=trainer["log_every"],
+            kernels_every=trainer["kernels_every"],
+            tracker=tracker,
+            split_batches=split_batches,
+            checkpoints=checkpoints,
+            resume=resumption.progress if resumption else None,
+        )
+
+
+def _resumed_model(
+    resumption: Resumption, built: Any, backend: Any, digest: str
+) -> tuple[Any, Any]:
+    """The model and optimizer of the checkpoint, after checking that they are the ones
+    its config builds and that the data is the run's."""
+    model, optimizer = load_checkpoint(resumption.checkpoint, backend)
+    if model.config() != built.config():
+        raise ValueError(
+            f"resume: checkpoint {str(resumption.checkpoint)!r} does not match its run's "
+            "config (its architecture differs from the model the config builds)"
+        )
+    if optimizer is None:
+        raise ValueError(f"resume: checkpoint {str(resumption.checkpoint)!r} has no optimizer")
+    recorded = resumption.progress.extra.get("data_digest")
+    if recorded != digest:
+        raise ValueError(
+            f"resume: the data found now is not the run's (SHA-256 {digest[:16]}..., the run "
+            f"used {str(recorded)[:16]}...); point data.path at the run's data"
+        )
+    return model, optimizer
+
+
+def _report_dead_runs() -> None:
+    """Mark FAILED the runs of this host whose process died without a word; say so."""
+    for run_id, _ in mark_dead_runs(f"gpucnn.train (pid {os.getpid()})"):
+        print(
+            f"gpucnn: run {run_id} was left RUNNING by a process that no longer exists; "
+            f"marked FAILED (continue it with: python -m gpucnn.train resume={run_id})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _end_stopped(mlflow: Any, run_id: str, stop: TrainingStopped) -> None:
+    """A run stopped by SIGTERM at a step boundary: KILLED, resumable from its checkpoint."""
+    with deferred_interrupt():
+        mlflow.set_tag(RESUMABLE_TAG, "true" if stop.checkpoint else "false")
+        mlflow.set_tag("gpucnn.stopped", f"signal {stop.signal_number} before step {stop.step + 1}")
+    _mark_killed(mlflow)
+
+
+def _mark_resumable(mlflow: Any, run_id: str) -> None:
+    """Tag a run that ends early as resumable when it has a checkpoint."""
+    with deferred_interrupt():
+        run = mlflow.MlflowClient().get_run(run_id)
+        mlflow.set_tag(RESUMABLE_TAG, "true" if CHECKPOINT_TAG in run.data.tags else "false")
+
+
 def _start_run(
-    mlflow: Any, experiment_id: str, config: dict[str, Any], hydra_cfg: Any, backend: Any
+    mlflow: Any,
+    experiment_id: str,
+    config: dict[str, Any],
+    hydra_cfg: Any,
+    backend: Any,
+    resumption: Resumption | None = None,
 ) -> Any:
     """The job's MLflow run (a child of the sweep's parent run in a multirun), tagged with
-    the backend, device, overrides and git commit. Ctrl-C while it starts marks it KILLED."""
+    the backend, device, overrides, git commit and the process it runs in; or the run
+    being resumed, back to RUNNING. Ctrl-C while it starts marks it KILLED."""
+    overrides = " ".join(hydra_cfg.overrides.task)
     tags = {
         "gpucnn.backend": backend.name,
         "gpucnn.device": backend.device_name(),
-        "gpucnn.overrides": " ".join(hydra_cfg.overrides.task),
+        "gpucnn.overrides" if resumption is None else "gpucnn.resumed_with": overrides,
+        **this_process().as_tags(),
     }
     commit = git_commit(hydra_cfg.runtime.cwd)
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    if resumption is not None:
+        progress = resumption.progress
+        tags["gpucnn.resumed_from"] = f"epoch {progress.epoch}, step {progress.step}"
+        tags["gpucnn.epochs"] = str(config["trainer"]["epochs"])
+    existing = resumption.run_id if resumption else None
+    if existing is not None and not _run_exists(mlflow, existing):
+        existing = None  # a checkpoint file from another store: a new run goes on with it
     try:
         with deferred_interrupt():  # Ctrl-C here comes after the run exists: mark it
+            if existing is not None:
+                active = mlflow.start_run(run_id=existing)
+                mlflow.set_tags(tags)
+                client = mlflow.MlflowClient()
+                for stale in ("gpucnn.error", "gpucnn.stopped"):  # it goes on now
+                    if stale in client.get_run(existing).data.tags:
+                        client.delete_tag(existing, stale)
+                return active
             return mlflow.start_run(
                 experiment_id=experiment_id,
                 run_name=config["tracking"]["run_name"],
@@ -158,35 +293,48 @@ def _start_run(
         raise
 
 
+def _run_exists(mlflow: Any, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
 def _log_inputs(
     tracker: MlflowTracker,
-    cfg: DictConfig,
     config: dict[str, Any],
     dataset: Dataset,
     model: Any,
     output_dir: Path,
+    digest: str,
 ) -> None:
-    """Parameters (the flattened config, split sizes, model size) and the resolved
-    config.yaml, from which evaluate rebuilds the run's data."""
+    """Parameters (the flattened config, split sizes, model size, the data's digest) and
+    the resolved config.yaml, from which evaluate rebuilds the run's data."""
     sizes = dataset.sizes()
     tracker.log_params(
         {
-            **flatten_params(config),
+            **flatten_params({k: v for k, v in config.items() if k != "resume"}),
             **{f"data.{k}_size": v for k, v in sizes.items()},
             "model.num_params": model.num_params(),
             "data.num_classes": dataset.num_classes,
+            "data.digest": digest,
         }
     )
+    _write_config(tracker, config, output_dir)
+
+
+def _write_config(tracker: MlflowTracker, config: dict[str, Any], output_dir: Path) -> None:
     config_path = output_dir / "config.yaml"
-    config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    config_path.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     tracker.log_file(config_path)
 
 
-def _log_outputs(
-    tracker: MlflowTracker, model: Any, optimizer: Any, result: Any, output_dir: Path
-) -> Path:
-    """The confusion matrix (picture and CSV), each conv layer's kernels as .npy, and the
-    checkpoint; returns the checkpoint's path."""
+def _log_outputs(tracker: MlflowTracker, model: Any, result: Any, output_dir: Path) -> None:
+    """The confusion matrix (picture and CSV) and each conv layer's kernels as .npy (fit
+    wrote and logged the checkpoint)."""
     confusion = np.array(result.confusion)
     tracker.log_image("confusion_matrix", confusion_image(confusion), step=result.steps)
     np.savetxt(output_dir / "confusion_matrix.csv", confusion, fmt="%d", delimiter=",")
@@ -194,9 +342,6 @@ def _log_outputs(
     for layer in model.layers:
         if layer.type == "conv":
             tracker.log_array(f"{layer.name}.npy", to_host(layer.params["weight"]))
-    checkpoint = save_checkpoint(output_dir / "model.npz", model, optimizer)
-    tracker.log_file(checkpoint, "checkpoint")
-    return checkpoint
 
 
 def _mark_killed(mlflow: Any) -> None:
@@ -230,11 +375,20 @@ def summary(
 def main(cfg: DictConfig) -> float:
     started = time.perf_counter()
     try:
-        with sticky_interrupts():
+        with sticky_interrupts(), stop_on_signals():
             return run(cfg)
     except USER_ERRORS as err:
         print(f"gpucnn.train: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except TrainingStopped as stop:
+        run_id = getattr(stop, "run_id", "<run id>")
+        print(
+            f"gpucnn.train: {stop}; the run is marked KILLED and can go on with: "
+            f"python -m gpucnn.train resume={run_id}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(128 + stop.signal_number)
     except KeyboardInterrupt:
         print(
             f"gpucnn.train: interrupted after {time.perf_counter() - started:.1f} s; "

@@ -27,9 +27,10 @@ MAY_IMPORT = {
     "interrupts": set(),
     "tracking": {"tracking.tracker"},  # tracking/__init__.py: the interface's names
     "tracking.tracker": set(),
+    "tracking.liveness": set(),  # which process a run belongs to, whether it lives
     "fit": {"array", "nn", "parallel", "data", "interrupts", "tracking.tracker"},
     # the edge: entry points and what only they use
-    "tracking.mlflow_store": {"interrupts", "tracking.tracker"},
+    "tracking.mlflow_store": {"interrupts", "tracking.tracker", "tracking.liveness"},
     "config": {"array", "nn", "data"},
     "callbacks": {"tracking.mlflow_store"},
     "train": {
@@ -40,8 +41,11 @@ MAY_IMPORT = {
         "interrupts",
         "tracking.tracker",
         "tracking.mlflow_store",
+        "tracking.liveness",
         "config",
+        "resume",
     },
+    "resume": {"nn"},  # what a resumed run goes on from, and the overrides it takes
     "evaluate": {"array", "nn", "data", "fit", "tracking.mlflow_store"},
     "explain": {"array", "nn"},
     "gpucnn": {"array", "nn", "parallel"},  # gpucnn/__init__.py: the public names

@@ -263,7 +263,7 @@ def test_bad_override_exits_nonzero_without_a_run(tmp_path, override, message):
         (
             ["+trainer.epoch=3"],
             "unknown config key 'trainer.epoch' (added with '+'?); allowed there: epochs, "
-            "batch_size, seed, l2, log_every, kernels_every, dtype",
+            "batch_size, seed, l2, log_every, kernels_every, checkpoint_every, dtype",
         ),
         (
             ["+model.layers.0.stide=2"],
@@ -466,10 +466,34 @@ def test_a_server_that_answers_passes_the_check_and_gets_its_own_ui_hint():
         finally:
             server.shutdown()
     assert ui_command(uri) == f"open {uri} in a browser"
-    assert ui_command("sqlite:///x.db").endswith(
-        "-m mlflow ui --backend-store-uri 'sqlite:///x.db' --host 127.0.0.1 --port 5000"
-    )
     check_server("sqlite:////no/such/dir/x.db")  # not a server: left to MLflow
+
+
+@pytest.mark.parametrize("folder", ["plain", "with space", 'it\'s $HOME; `x` \\ "q"'])
+def test_the_ui_command_stays_one_command_whatever_the_path_holds(folder):
+    """A real shell splits the printed command back into exactly the intended words."""
+    from gpucnn.tracking.mlflow_store import ui_command  # noqa: PLC0415
+
+    uri = f"sqlite:////tmp/{folder}/runs/mlflow.db"
+    command = ui_command(uri)
+    words = subprocess.run(
+        ["bash", "-c", f"set -- {command}; printf '%s\\n' \"$@\""],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert words == [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "5000",
+    ]
 
 
 def test_git_commit_is_tagged_when_launched_in_a_checkout(tmp_path):

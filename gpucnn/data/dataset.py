@@ -7,6 +7,7 @@ mean and standard deviation, and the same numbers are applied to val and test.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,17 @@ class Dataset:
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+    def digest(self) -> str:
+        """SHA-256 of every split's images and labels as the model sees them (shapes,
+        dtypes and bytes): the same data, wherever its files were found."""
+        digest = hashlib.sha256()
+        for split in ("train", "val", "test"):
+            for array in (getattr(self, f"x_{split}"), getattr(self, f"y_{split}")):
+                array = np.ascontiguousarray(array)
+                digest.update(f"{split}{array.shape}{array.dtype.str}".encode())
+                digest.update(array.data)
+        return digest.hexdigest()
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

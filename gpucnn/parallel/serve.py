@@ -22,7 +22,10 @@ def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
     forward was followed by a backward request (a training loop). Forward after forward
     (evaluation) turns that off again after one wasted backward.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent to handle
+    # Ctrl-C and SIGTERM reach the whole process group: the parent decides (it saves a
+    # checkpoint at the next step, which needs this worker alive until then).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(fd)
     inputs, outputs = SharedFile(inputs_fd), SharedFile(outputs_fd)
     copies = _ModelCopies(outputs)

@@ -13,8 +13,8 @@ process by a socket pair, not a ``multiprocessing`` child: spawn and forkserver 
 import the user's main script again in the child, which breaks every script without an
 ``if __name__ == "__main__"`` guard, and fork is unsafe once BLAS threads exist. A worker
 runs as many BLAS threads as this process keeps for its own slice (its share of the
-cores: one each on 2 cores), ignores Ctrl-C (the parent handles it) and exits when the
-parent closes the socket or dies. It keeps a copy of each model it has served (rebuilt
+cores: one each on 2 cores), ignores Ctrl-C and SIGTERM (the parent decides) and exits
+when the parent closes the socket or dies. It keeps a copy of each model it has served (rebuilt
 from ``Sequential.config()``); every forward request carries the current parameters, so
 the copy never goes stale. Arrays (the slice, its labels, the parameters, the gradients)
 travel through two memory files both processes map, unlinked files that disappear with

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -25,10 +26,13 @@ from typing import Any, TypeVar
 import numpy as np
 
 from gpucnn.interrupts import deferred_interrupt
+from gpucnn.tracking.liveness import ProcessIdentity, is_alive, this_process
 from gpucnn.tracking.tracker import Tracker
 
 PARENT_RUN_ENV = "GPUCNN_PARENT_RUN_ID"
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+CHECKPOINT_TAG = "gpucnn.checkpoint"  # the last checkpoint: artifact path, epoch and step
+RESUMABLE_TAG = "gpucnn.resumable"  # "true" on a run that stopped with a checkpoint
 METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -115,7 +119,8 @@ def ui_command(uri: str) -> str:
     """How to look at the runs in ``uri``: the server itself, or a local UI on the store."""
     if is_server(uri):
         return f"open {uri} in a browser"
-    return f"{sys.executable} -m mlflow ui --backend-store-uri '{uri}' --host 127.0.0.1 --port 5000"
+    python, store = shlex.quote(sys.executable), shlex.quote(uri)  # one command, any path
+    return f"{python} -m mlflow ui --backend-store-uri {store} --host 127.0.0.1 --port 5000"
 
 
 def ensure_experiment(name: str, artifact_location: str | None) -> str:
@@ -224,6 +229,50 @@ class MlflowTracker(Tracker):
     @_holding_ctrl_c
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
+
+    @_holding_ctrl_c
+    def log_checkpoint(self, path: str | Path, epoch: int, step: int) -> None:
+        """The checkpoint as the artifact checkpoint/<name>, and a tag saying how far it
+        is (read when the run is resumed, or found dead)."""
+        self.client.log_artifact(self.run_id, str(path), "checkpoint")
+        where = f"checkpoint/{Path(path).name} after epoch {epoch}, step {step}"
+        self.client.set_tag(self.run_id, CHECKPOINT_TAG, where)
+
+
+def mark_dead_runs(found_by: str) -> list[tuple[str, str]]:
+    """Mark FAILED every RUNNING run of the active store whose process, on this host, no
+    longer exists (killed with SIGKILL, out of memory, a power cut): a tag says so and
+    names its last checkpoint. Runs of other hosts are never touched. Returns (run id,
+    what happened) for each run marked."""
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    client = MlflowClient()
+    here = this_process().host
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    found = client.search_runs(
+        experiments,
+        filter_string=f"attributes.status = 'RUNNING' and tags.`gpucnn.host` = '{here}'",
+        max_results=1000,
+    )
+    marked = []
+    for run in found:
+        owner = ProcessIdentity.from_tags(run.data.tags)
+        if owner is None or owner.host != here or is_alive(owner):
+            continue
+        checkpoint = run.data.tags.get(CHECKPOINT_TAG)
+        what = (
+            f"its process {owner.pid} on {owner.host} ended without a word (SIGKILL, out of "
+            f"memory or a power cut); found by {found_by}; last checkpoint: "
+            + (checkpoint or "none")
+        )
+        with deferred_interrupt():
+            client.set_tag(run.info.run_id, "gpucnn.error", what[:5000])
+            client.set_tag(run.info.run_id, RESUMABLE_TAG, "true" if checkpoint else "false")
+            client.set_terminated(run.info.run_id, "FAILED")
+        marked.append((run.info.run_id, what))
+    return marked
 
 
 def _now_ms() -> int:

@@ -25,6 +25,10 @@ class Tracker:
 
     def log_file(self, path: str | Path, folder: str | None = None) -> None: ...
 
+    def log_checkpoint(self, path: str | Path, epoch: int, step: int) -> None:
+        """A checkpoint was written after ``epoch`` epochs and ``step`` steps."""
+        self.log_file(path, "checkpoint")
+
     def flush(self) -> None: ...
 
 
