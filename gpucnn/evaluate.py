@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -20,18 +21,39 @@ from typing import Any
 from gpucnn.array.backend import BackendUnavailableError, get_backend
 from gpucnn.data import DataError, load_data
 from gpucnn.fit import evaluate
+from gpucnn.nn.checkpoint import read_checkpoint
 from gpucnn.nn.model import load_checkpoint
-from gpucnn.tracking.mlflow_store import resolve_store
+from gpucnn.tracking.mlflow_store import mark_dead_runs, resolve_store
 
 SPLITS = ("train", "val", "test")
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path, checkpoint: Path) -> dict[str, Any]:
+    """The run's config: the YAML at ``path``, else the one a training checkpoint holds.
+    Malformed or incomplete, it is a one-line ValueError naming the file."""
+    if not path.is_file():
+        progress = read_checkpoint(checkpoint).progress
+        if progress is not None and isinstance(progress.extra.get("config"), dict):
+            return _checked_config(progress.extra["config"], str(checkpoint))
+        raise FileNotFoundError(f"config {str(path)!r} does not exist; pass --config")
     from omegaconf import OmegaConf  # noqa: PLC0415
 
-    if not path.is_file():
-        raise FileNotFoundError(f"config {str(path)!r} does not exist; pass --config")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as err:  # YAML syntax, interpolation: whatever it is, say where
+        problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"config {str(path)!r} is not a readable config: {problem}") from None
+    return _checked_config(config, str(path))
+
+
+def _checked_config(config: Any, where: str) -> dict[str, Any]:
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise ValueError(
+            f"config {where!r} is incomplete: it needs a data section with data.name "
+            "(the config.yaml that gpucnn.train wrote beside the checkpoint)"
+        )
+    return config
 
 
 def _download(run_id: str, uri: str | None, into: Path) -> tuple[Path, Path]:
@@ -40,6 +62,8 @@ def _download(run_id: str, uri: str | None, into: Path) -> tuple[Path, Path]:
 
     tracking_uri, _ = resolve_store(uri, Path.cwd(), create=False)
     mlflow.set_tracking_uri(tracking_uri)
+    for dead, _ in mark_dead_runs(f"gpucnn.evaluate (pid {os.getpid()})"):
+        print(f"gpucnn: run {dead}'s process no longer exists; marked FAILED", file=sys.stderr)
     try:
         mlflow.MlflowClient().get_run(run_id)
     except MlflowException as err:
@@ -62,7 +86,7 @@ def evaluate_checkpoint(
     checkpoint: Path, config_path: Path, backend: str = "numpy", split: str = "test"
 ) -> dict[str, Any]:
     model, _ = load_checkpoint(checkpoint, backend=get_backend(backend))  # checked first
-    config = _read_config(config_path)
+    config = _read_config(config_path, checkpoint)
     dataset = load_data(config["data"])
     if dataset.input_shape != model.input_shape:
         raise ValueError(
