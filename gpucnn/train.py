@@ -53,6 +53,7 @@ from gpucnn.tracking.mlflow_store import (
     git_commit,
     mark_dead_runs,
     resolve_store,
+    store_error,
     ui_command,
 )
 from gpucnn.tracking.tracker import confusion_image
@@ -371,6 +372,12 @@ def summary(
     )
 
 
+def _store_failure(err: BaseException) -> ValueError | None:
+    if "mlflow" not in sys.modules:
+        return None
+    return store_error(err, sys.modules["mlflow"].get_tracking_uri())
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     started = time.perf_counter()
@@ -389,6 +396,12 @@ def main(cfg: DictConfig) -> float:
             flush=True,
         )
         sys.exit(128 + stop.signal_number)
+    except Exception as err:  # a SQLite store that failed under way: one line too
+        problem = _store_failure(err)
+        if problem is None:
+            raise
+        print(f"gpucnn.train: error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         print(
             f"gpucnn.train: interrupted after {time.perf_counter() - started:.1f} s; "

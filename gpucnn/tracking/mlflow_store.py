@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -70,15 +71,118 @@ def resolve_store(
         artifacts = None
     else:
         uri, artifacts = default_store(base_dir)
-        if create:
-            (Path(base_dir) / "runs").mkdir(parents=True, exist_ok=True)
     database = sqlite_file(uri)
     if not create and database is not None and not database.is_file():
         raise ValueError(
             f"no MLflow store at {uri}: {str(database)!r} does not exist (run from the "
             "directory you trained in, or give the store: --tracking-uri or MLFLOW_TRACKING_URI)"
         )
+    if database is not None:
+        ready_sqlite_store(uri, database)
     return uri, artifacts
+
+
+def store_wait_seconds() -> float:
+    """How long to wait for a SQLite store another process holds (GPUCNN_STORE_WAIT)."""
+    text = os.environ.get("GPUCNN_STORE_WAIT", "60")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"GPUCNN_STORE_WAIT={text!r} is not a number of seconds >= 0")
+    return seconds
+
+
+def ready_sqlite_store(uri: str, database: Path) -> None:
+    """Create the SQLite store (or bring its tables up to date) once, under a lock file
+    beside it: MLflow creates the tables on first use, and several processes starting at
+    once into a new store all fail ("table ... already exists") and leave it unusable.
+
+    A store another process keeps locked is waited for, up to GPUCNN_STORE_WAIT seconds
+    (60), then a one-line ValueError; so is a store that cannot be written."""
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    seconds = store_wait_seconds()
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(database.with_name(database.name + ".lock"), os.O_RDWR | os.O_CREAT)
+    except OSError as err:
+        raise ValueError(
+            f"the MLflow store {str(database)!r} cannot be written: {err.strerror or err} "
+            "(choose another folder, or tracking.uri / MLFLOW_TRACKING_URI)"
+        ) from None
+    try:
+        _lock(handle, database, seconds)
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+                return
+            except Exception as err:  # noqa: BLE001 - told apart just below
+                problem = _store_problem(err)
+                if problem is None:
+                    raise
+                if "locked" not in problem or time.monotonic() > deadline:
+                    raise ValueError(_store_message(database, problem, seconds)) from None
+                time.sleep(0.2)
+    finally:
+        os.close(handle)  # releases the lock
+
+
+def _lock(handle: int, database: Path, seconds: float) -> None:
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX; elsewhere the store is set up unlocked
+    except ImportError:
+        return
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise ValueError(_store_message(database, "database is locked", seconds)) from None
+            time.sleep(0.05)
+
+
+def _store_problem(err: BaseException) -> str | None:
+    """What a SQLite error says (locked, read-only, cannot open), or None for others."""
+    seen: BaseException | None = err
+    while seen is not None:
+        text = str(seen).lower()
+        for problem in (
+            "database is locked",
+            "readonly database",
+            "unable to open database file",
+            "disk i/o error",
+        ):
+            if problem in text:
+                return problem
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _store_message(database: Path, problem: str, seconds: float) -> str:
+    if "locked" in problem:
+        return (
+            f"the MLflow store {str(database)!r} stayed locked by another process for "
+            f"{seconds:g} s (raise GPUCNN_STORE_WAIT, or use a tracking server)"
+        )
+    return (
+        f"the MLflow store {str(database)!r} cannot be written ({problem}); choose another "
+        "folder, or tracking.uri / MLFLOW_TRACKING_URI"
+    )
+
+
+def store_error(err: BaseException, uri: str) -> ValueError | None:
+    """A one-line error for a SQLite store failure met while a run was under way (locked
+    past MLflow's own 20 s, or unwritable), else None."""
+    database = sqlite_file(uri)
+    problem = _store_problem(err) if database is not None else None
+    if problem is None:
+        return None
+    return ValueError(_store_message(database, problem, 20.0))
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -276,6 +380,4 @@ def mark_dead_runs(found_by: str) -> list[tuple[str, str]]:
 
 
 def _now_ms() -> int:
-    import time  # noqa: PLC0415
-
     return int(time.time() * 1000)
