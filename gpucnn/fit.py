@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gpucnn.array import threads
-from gpucnn.array.backend import Array, to_host
+from gpucnn.array.backend import Array, is_gpu, to_host
 from gpucnn.interrupts import raise_if_interrupted, stop_requested
 from gpucnn.nn.checkpoint import Progress, save_checkpoint
 from gpucnn.nn.losses import LogisticLogLikelihood
@@ -285,7 +285,12 @@ class _Saver:
         if self.plan is None:
             return None
         at.extra = dict(self.plan.extra)
-        self.last = save_checkpoint(self.plan.path, self.model, self.optimizer, at)
+        try:
+            written = save_checkpoint(self.plan.path, self.model, self.optimizer, at)
+        except FloatingPointError as err:  # an update that no step's loss has shown yet
+            bad = DivergedError(f"the parameters are not finite after step {at.step}: {err}")
+            raise self.diverged(bad) from None
+        self.last = written
         self.last_step = at.step
         self.tracker.log_checkpoint(self.last, at.epoch, at.step)
         return self.last
@@ -319,7 +324,8 @@ class _TrainingSplit:
         self.x = backend.asarray(data.x_train, model.dtype)
         self.labels = _labels_for(model, data.y_train)  # as the head takes them
         self.classes = backend.asarray(data.y_train).astype("int64")  # for accuracy
-        self.dtype, self.xp = model.dtype, backend.xp
+        self.dtype, self.xp, self.model = model.dtype, backend.xp, model
+        self.check_each_step = not backend.is_gpu  # a host value is free to read
 
 
 def _train_epoch(
@@ -354,6 +360,12 @@ def _train_epoch(
             raise TrainingStopped(signal_number, at.step, saver.save(at))
         index = order[start : start + batch_size]
         loss = runner.loss(train.x[index], train.labels[index])
+        if train.check_each_step and not math.isfinite(float(loss)):
+            # On the host a loss costs nothing to read: stop before the update, and say
+            # where the batch first went non-finite.
+            step_losses.add(loss, check=False)
+            where = train.model.find_non_finite(train.x[index], train.labels[index])
+            raise _diverged(float(loss), at.step + 1, f"first non-finite: {where}")
         optimizer.step(runner.params, runner.backward())
         loss_sum += loss * len(index)
         correct += (train.head.predict(runner.last_output) == train.classes[index]).sum()
@@ -378,14 +390,18 @@ class _StepLosses:
         self.tracker, self.every, self.xp = tracker, every, xp
         self.pending: list[Array] = []
         self.steps = steps  # steps taken so far
+        self.on_device = is_gpu(xp)
 
-    def add(self, loss: Array) -> list[float]:
-        """Count a step; the interval's losses when this step completed one, else []."""
+    def add(self, loss: Array, check: bool = True) -> list[float]:
+        """Count a step; the interval's losses when this step completed one, else []. With
+        ``check=False`` the losses are read and logged now, unchecked (the caller knows)."""
         self.pending.append(loss)
         self.steps += 1
+        if not check:
+            return self.flush(check=False)
         return self.flush() if len(self.pending) == self.every else []
 
-    def flush(self) -> list[float]:
+    def flush(self, check: bool = True) -> list[float]:
         """Read, log and check the losses not yet read (one transfer)."""
         if not self.pending:
             return []
@@ -393,7 +409,8 @@ class _StepLosses:
         values = to_host(self.xp.stack(self.pending)).tolist()
         self.pending = []
         self.tracker.log_metric_history("train_loss_step", values, first_step)
-        _check_finite(values, first_step)
+        if check:
+            _check_finite(values, first_step, self.on_device)
         return values
 
 
@@ -401,14 +418,25 @@ class DivergedError(FloatingPointError):
     """The training loss stopped being a finite number."""
 
 
-def _check_finite(values: list[float], first_step: int) -> None:
+def _check_finite(values: list[float], first_step: int, on_device: bool = False) -> None:
     """Stop at the first log interval whose losses include NaN or infinity."""
     for offset, value in enumerate(values):
         if not math.isfinite(value):
-            raise DivergedError(
-                f"training loss became {value} at step {first_step + offset}; the model "
-                "diverged (try a smaller optimizer.lr, or check the data for extreme values)"
+            where = (
+                "on the GPU a step's loss is read once per log interval, so the layer where "
+                "it began is not known (resume from the last checkpoint with backend=numpy "
+                "to find it)"
+                if on_device
+                else "the layer where it began is not known"
             )
+            raise _diverged(value, first_step + offset, where)
+
+
+def _diverged(value: float, step: int, where: str) -> DivergedError:
+    return DivergedError(
+        f"training loss became {value} at step {step}; {where}; the model diverged (try a "
+        "smaller optimizer.lr, or check the data for extreme values)"
+    )
 
 
 def _log_kernels(

@@ -136,3 +136,47 @@ def test_a_checkpoint_is_never_written_from_non_finite_parameters(digits, tmp_pa
     with pytest.raises(FloatingPointError, match="dense1.weight holds NaN"):
         save_checkpoint(tmp_path / "bad.npz", model)
     assert not list(tmp_path.iterdir())
+
+
+class SpoilsAWeight(Recorder):
+    """Turns a weight NaN once step ``at`` is logged, as an overflowing update would."""
+
+    def __init__(self, model, at):
+        super().__init__()
+        self.model, self.at = model, at
+
+    def log_metric_history(self, key, values, first_step):
+        super().log_metric_history(key, values, first_step)
+        if first_step + len(values) - 1 == self.at:
+            self.model.params["conv1.weight"][0, 0, 1, 1] = np.nan
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_run_that_diverges_keeps_and_names_its_last_good_checkpoint(digits, tmp_path):
+    from gpucnn.fit import DivergedError
+
+    model, path = build(digits, "float32"), tmp_path / "ck.npz"
+    with pytest.raises(DivergedError) as diverged:
+        train(digits, model, Adam(3e-3), SpoilsAWeight(model, at=22), path)
+    message = str(diverged.value)
+    assert "at step 23; first non-finite: parameter conv1.weight" in message
+    assert message.endswith(f"; the last good checkpoint is {path} (step 21)")
+    kept = read_checkpoint(path)  # epoch 1's, finite, untouched by the NaN
+    assert kept.progress.epoch == 1 and kept.progress.step == 21
+    assert np.isfinite(kept.params["conv1.weight"]).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_parameters_spoiled_by_an_epochs_last_step_are_caught_by_its_checkpoint(digits, tmp_path):
+    """The last step of an epoch leaves a NaN weight: no later step's loss shows it, but
+    the epoch's checkpoint refuses it, and the run stops as diverged."""
+    from gpucnn.fit import DivergedError
+
+    model, path = build(digits, "float32"), tmp_path / "ck.npz"
+    with pytest.raises(DivergedError) as diverged:
+        train(digits, model, Adam(3e-3), SpoilsAWeight(model, at=21), path)
+    assert str(diverged.value) == (
+        "the parameters are not finite after step 21: conv1.weight holds NaN or infinite "
+        "values: no checkpoint written; no checkpoint was written before it"
+    )
+    assert not path.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -229,36 +230,102 @@ def test_progress_bar_shows_on_request_and_stays_quiet_otherwise(capsys):
     assert train(False) == ""
 
 
-def diverge(data, layers, head, backend, **settings):
-    """Train with a huge learning rate until it diverges; what the tracker got."""
-    model = Sequential(layers, head, data.input_shape, backend=backend, seed=0)
-    recorder = Recorder()
-    with pytest.raises(DivergedError, match=r"training loss became (nan|inf) at step \d+"):
-        fit(model, GradientAscent(1e30), data, tracker=recorder, progress=False, **settings)
-    return recorder.histories["train_loss_step"]
-
-
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow that makes it diverge
-def test_divergence_stops_training_with_a_clear_error(backend):
+def test_divergence_stops_at_its_step_naming_where_it_began(backend):
+    """On NumPy each step's loss is checked before the update: the run stops at the first
+    non-finite one, names the step and where the batch first went non-finite, logs what
+    it saw, and never applies that step's update."""
+    if backend.is_gpu:
+        pytest.skip("the GPU reads losses once per interval: next test")
     data = load_dataset("digits", seed=0)
     layers = [Conv2D(4, 3), ReLU(), Flatten(), Dense(10)]
-    logged = diverge(
-        data, layers, SoftmaxCrossEntropy(), backend, epochs=3, batch_size=32, log_every=5
+    model = Sequential(layers, SoftmaxCrossEntropy(), data.input_shape, backend=backend, seed=0)
+    recorder = Recorder()
+    with pytest.raises(DivergedError) as diverged:
+        fit(
+            model,
+            GradientAscent(1e30),
+            data,
+            epochs=3,
+            batch_size=32,
+            log_every=5,
+            tracker=recorder,
+            progress=False,
+        )
+    message = str(diverged.value)
+    found = re.fullmatch(
+        r"training loss became (nan|inf) at step (\d+); first non-finite: (.+); the model "
+        r"diverged \(try a smaller optimizer\.lr.*; no checkpoint was written before it",
+        message,
     )
-    values = [v for _, v in logged]
-    assert len(values) >= 5 and not np.isfinite(values[-1])  # what was seen is still logged
+    assert found, message
+    step, where = int(found.group(2)), found.group(3)
+    assert re.fullmatch(r"parameter \w+\.\w+ \(.*\)|the output of layer \w+ \(\w+\)", where)
+    logged = recorder.histories["train_loss_step"]
+    assert [s for s, _ in logged] == list(range(1, step + 1))  # all seen, the bad one last
+    assert all(np.isfinite(v) for _, v in logged[:-1]) and not np.isfinite(logged[-1][1])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_divergence_in_the_last_unread_steps_is_caught_too(backend):
-    """The losses left after the last full log interval are read at the end of training:
-    checked like the others (before, a NaN there went by and the run 'finished')."""
+def test_divergence_read_once_per_interval_is_caught_in_the_last_unread_steps_too(
+    backend, monkeypatch
+):
+    """The GPU's way, forced here on NumPy: losses are read once per log interval, and
+    the ones left after the last full interval are read and checked at the epoch's end
+    (before, a NaN there went by and the run 'finished')."""
+    import gpucnn.fit as loop
+
+    original = loop._TrainingSplit.__init__
+
+    def read_per_interval(self, *args):
+        original(self, *args)
+        self.check_each_step = False
+
+    monkeypatch.setattr(loop._TrainingSplit, "__init__", read_per_interval)
     data = load_dataset("seed_20x20", n_per_class=20, noise=0.3, seed=0)  # 40 images
-    layers = [Conv2D(1, 3), Flatten(), Dense(1)]
-    logged = diverge(
-        data, layers, LogisticLogLikelihood(), backend, epochs=1, batch_size=10, log_every=100
+    model = Sequential(
+        [Conv2D(1, 3), Flatten(), Dense(1)],
+        LogisticLogLikelihood(),
+        data.input_shape,
+        backend=backend,
+        seed=0,
     )
-    assert [step for step, _ in logged] == [1, 2, 3, 4]  # 4 steps, never a full interval
+    recorder = Recorder()
+    with pytest.raises(DivergedError, match=r"training loss became (nan|inf) at step \d+"):
+        fit(
+            model,
+            GradientAscent(1e30),
+            data,
+            epochs=1,
+            batch_size=10,
+            log_every=100,
+            tracker=recorder,
+            progress=False,
+        )
+    assert [step for step, _ in recorder.histories["train_loss_step"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_find_non_finite_names_the_first_place(rng):
+    def net():
+        return Sequential(
+            [Conv2D(2, 3), ReLU(), Flatten(), Dense(3)],
+            SoftmaxCrossEntropy(),
+            (1, 6, 6),
+            seed=0,
+        )
+
+    x, y = rng.standard_normal((4, 1, 6, 6)), rng.integers(0, 3, 4)
+    assert net().find_non_finite(x, y).startswith("nowhere")
+    bad_param = net()
+    bad_param.params["dense1.bias"][1] = np.inf
+    assert bad_param.find_non_finite(x, y).startswith("parameter dense1.bias")
+    bad_input = x.copy()
+    bad_input[2, 0, 3, 3] = np.nan
+    assert net().find_non_finite(bad_input, y) == "the input batch itself"
+    overflowing = net()
+    overflowing.params["dense1.weight"][...] = 3e37  # finite, but the sum overflows float32
+    assert overflowing.find_non_finite(np.abs(x) + 1, y) == "the output of layer dense1 (dense)"
 
 
 class InterruptedInDel:

@@ -225,6 +225,41 @@ class Sequential:
         self._loss_ready = False
         return grads
 
+    def find_non_finite(self, x: Any, labels: Any) -> str:
+        """Where a batch first turns NaN or infinite in this model, in words: a parameter,
+        the input, a layer's output, the loss, or a gradient on the way back. For the
+        error that stops a diverging run; it overwrites the layers' caches."""
+        xp = self.backend.xp
+
+        def finite(value: Array) -> bool:
+            return bool(xp.isfinite(value).all())
+
+        for name, value in self.params.items():
+            if not finite(value):
+                return f"parameter {name} (an earlier step's update was not finite)"
+        x = self.prepare_input(x)
+        labels = self.prepare_labels(labels, x.shape[0])
+        if not finite(x):
+            return "the input batch itself"
+        h = nchw_to_internal(x) if x.ndim == 4 else x
+        for index in self.execution_order:
+            layer = self.layers[index]
+            h = layer._forward(h)
+            if not finite(h):
+                return f"the output of layer {layer.name} ({layer.type})"
+        if not finite(self.head.forward(h, labels)):
+            return f"the {self.head.type} head's loss, from finite inputs"
+        grad = self.head.backward()
+        for position in range(len(self.execution_order) - 1, -1, -1):
+            layer = self.layers[self.execution_order[position]]
+            grad = layer._backward(grad, need_input_grad=position > 0)
+            for key, value in layer.grads.items():
+                if not finite(value):
+                    return f"the gradient of {layer.name}.{key}"
+            if grad is not None and not finite(grad):
+                return f"the gradient into layer {layer.name} ({layer.type})"
+        return "nowhere on a second pass (the step was not repeatable)"
+
     def replica(self) -> Sequential:
         """A model that computes with this one's parameters (the same arrays, so every
         update reaches it) but keeps its own forward caches and gradients: one per thread
