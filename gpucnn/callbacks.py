@@ -9,6 +9,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from gpucnn.tracking.liveness import this_process
 from gpucnn.tracking.mlflow_store import (
     PARENT_RUN_ENV,
     PARENT_RUN_FILE,
@@ -42,6 +43,7 @@ class MlflowSweepCallback(Callback):
                 "gpucnn.sweep": "parent",
                 "gpucnn.sweep_dir": str(sweep_dir),
                 "gpucnn.overrides": " ".join(hydra_cfg.overrides.task),
+                **this_process().as_tags(),  # a sweep whose launcher dies is found too
             },
         )
         self.parent_run_id = run.info.run_id

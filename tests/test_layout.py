@@ -32,7 +32,7 @@ MAY_IMPORT = {
     # the edge: entry points and what only they use
     "tracking.mlflow_store": {"interrupts", "tracking.tracker", "tracking.liveness"},
     "config": {"array", "nn", "data"},
-    "callbacks": {"tracking.mlflow_store"},
+    "callbacks": {"tracking.mlflow_store", "tracking.liveness"},
     "train": {
         "array",
         "nn",

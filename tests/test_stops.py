@@ -208,6 +208,8 @@ def test_a_job_killed_without_a_word_is_found_failed_and_goes_on(store, tmp_path
     assert process.returncode == -signal.SIGKILL
     client = client_for(cwd)
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody could say otherwise
+    # Each completed epoch was in the store when it ended, whatever came next.
+    assert len(client.get_metric_history(run_id, "train_loss")) >= 2
     # The next gpucnn start against this store (here: evaluate) finds it.
     found = subprocess.run(
         [sys.executable, "-m", "gpucnn.evaluate", "--run-id", reference, "--json"],
@@ -247,12 +249,27 @@ REFUSALS = [
         r"trainer\.epochs >= 12",
     ),
     ("run", [], r"resume=\w+: the run FINISHED; there is nothing to go on with"),
+    ("mismatch", [], r"resume: checkpoint '.*' does not match its run's config"),
     ("nothing", [], r"resume='0123' is neither a checkpoint file nor a run id"),
 ]
 
 
+def mismatched_checkpoint(source, tmp_path):
+    """A copy of ``source`` whose recorded config asks for another first conv layer."""
+    import json
+
+    with np.load(source, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    progress = json.loads(str(arrays["progress"]))
+    progress["extra"]["config"]["model"]["layers"][0]["out_channels"] += 1
+    arrays["progress"] = np.array(json.dumps(progress))
+    path = tmp_path / "mismatched.npz"
+    np.savez(path, **arrays)
+    return path
+
+
 @pytest.mark.parametrize("target, overrides, message", REFUSALS)
-def test_what_a_resume_refuses_is_one_line(store, target, overrides, message):
+def test_what_a_resume_refuses_is_one_line(store, target, overrides, message, tmp_path):
     """Against the reference run (FINISHED) or its checkpoint file; nothing in the store
     changes."""
     cwd, reference = store
@@ -261,7 +278,10 @@ def test_what_a_resume_refuses_is_one_line(store, target, overrides, message):
         "run": reference,
         "file": str(STORE["reference checkpoint"]),
         "nothing": "0123",
+        "mismatch": "mismatch",
     }[target]
+    if target == "mismatch":
+        where = str(mismatched_checkpoint(STORE["reference checkpoint"], tmp_path))
     result = train(cwd, f"resume={where}", *overrides)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]

@@ -178,6 +178,46 @@ def test_evaluate_names_a_missing_store_and_creates_none(tmp_path, monkeypatch, 
     assert list(tmp_path.iterdir()) == []  # MLflow would have created an empty store
 
 
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("data: {name: digits\n  oops: [", "is not a readable config: "),
+        ("model: {name: x}\n", "is incomplete: it needs a data section with data.name"),
+        ("- just\n- a list\n", "is incomplete: it needs a data section with data.name"),
+        ("data: {name: ${nowhere}}\n", "is not a readable config: "),
+    ],
+)
+def test_evaluate_names_a_malformed_or_incomplete_config(
+    digits_run, tmp_path, capsys, text, problem
+):
+    from gpucnn.evaluate import main as evaluate_main  # noqa: PLC0415
+
+    cwd, _ = digits_run
+    checkpoint = next(Path(cwd, "runs", "hydra").rglob("model.npz"))
+    (tmp_path / "config.yaml").write_text(text)
+    argv = ["--checkpoint", str(checkpoint), "--config", str(tmp_path / "config.yaml")]
+    assert evaluate_main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"gpucnn.evaluate: error: config '{tmp_path / 'config.yaml'}' ")
+    assert problem in line
+
+
+def test_evaluate_takes_the_config_a_training_checkpoint_carries(digits_run, tmp_path, capsys):
+    """Without the config.yaml beside it, a checkpoint written by training still says
+    which data it was trained on."""
+    import shutil  # noqa: PLC0415
+
+    from gpucnn.evaluate import main as evaluate_main  # noqa: PLC0415
+
+    cwd, _ = digits_run
+    original = next(Path(cwd, "runs", "hydra").rglob("model.npz"))
+    alone = shutil.copy(original, tmp_path / "model.npz")
+    assert evaluate_main(["--checkpoint", str(alone), "--json"]) == 0
+    by_itself = json.loads(capsys.readouterr().out)
+    assert evaluate_main(["--checkpoint", str(original), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == by_itself
+
+
 def test_evaluate_refuses_an_empty_split(digits_run, tmp_path, capsys):
     from omegaconf import OmegaConf  # noqa: PLC0415
 
@@ -219,6 +259,8 @@ def test_multirun_one_parent_two_children(tmp_path, launcher):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert sorted(c.data.params["optimizer.lr"] for c in children) == ["0.001", "0.01"]
     assert all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:  # each can be told from a run whose process died
+        assert {"gpucnn.host", "gpucnn.pid", "gpucnn.started"} <= set(run.data.tags)
 
 
 @pytest.mark.parametrize(
