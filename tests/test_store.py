@@ -81,3 +81,28 @@ def test_eight_jobs_at_once_into_a_new_store_lose_no_run(tmp_path):
     runs = client.search_runs(experiments)
     assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
     assert sorted(r.data.params["trainer.seed"] for r in runs) == [str(s) for s in range(8)]
+
+
+def test_resume_refuses_a_run_without_a_checkpoint_or_still_running(tmp_path, monkeypatch):
+    """In a real store: a run that stopped before its first checkpoint, and one whose
+    process (this one) is alive."""
+    from gpucnn.resume import find_checkpoint
+    from gpucnn.tracking.liveness import this_process
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, _ = resolve_store(None, tmp_path)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # as the train app sets it before resuming
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        early = client.create_run("0", tags=this_process().as_tags())
+        client.set_terminated(early.info.run_id, "KILLED")
+        with pytest.raises(ValueError, match=r"the run \(KILLED\) has no checkpoint to go on"):
+            find_checkpoint(early.info.run_id, tmp_path)
+        live = client.create_run("0", tags=this_process().as_tags())
+        with pytest.raises(
+            ValueError, match=rf"still RUNNING in another process \(pid {os.getpid()} "
+        ):
+            find_checkpoint(live.info.run_id, tmp_path)
+    finally:
+        mlflow.set_tracking_uri(previous)
