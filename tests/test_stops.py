@@ -203,8 +203,11 @@ def test_sigterm_to_the_job_saves_stops_and_the_run_goes_on_bit_for_bit(store, t
 
 
 def test_a_job_killed_without_a_word_is_found_failed_and_goes_on(store, tmp_path):
+    """...and goes on from its checkpoint file (resume=PATH): the same run."""
     cwd, reference = store
+    before = checkpoints(cwd)
     process, _, _, run_id = start_and_stop(cwd, signal.SIGKILL, after_checkpoints=2, pause=0.1)
+    (its_checkpoint,) = checkpoints(cwd) - before
     assert process.returncode == -signal.SIGKILL
     client = client_for(cwd)
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody could say otherwise
@@ -228,7 +231,7 @@ def test_a_job_killed_without_a_word_is_found_failed_and_goes_on(store, tmp_path
         r"last checkpoint: checkpoint/model\.npz after epoch \d+, step \d+",
         run.data.tags["gpucnn.error"],
     )
-    resumed = train(cwd, f"resume={run_id}")
+    resumed = train(cwd, f"resume={its_checkpoint}")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_as_reference(cwd, reference, run_id, tmp_path)
     assert "gpucnn.error" not in client.get_run(run_id).data.tags
