@@ -142,6 +142,7 @@ def run(cfg: DictConfig) -> float:
                 _log_inputs(tracker, config, dataset, model, output_dir, digest)
             else:
                 _write_config(tracker, config, output_dir)
+                tracker.skip_what_is_logged()
             checkpoints = Checkpoints(
                 output_dir / "model.npz",
                 config["trainer"]["checkpoint_every"],

@@ -74,13 +74,13 @@ def checkpoints(cwd):
     return set((Path(cwd) / "runs" / "hydra").rglob("model.npz"))
 
 
-def start_and_stop(cwd, signal_number, after_checkpoints=1, pause=0.3):
+def start_and_stop(cwd, signal_number, after_checkpoints=1, pause=0.3, extra=(), ready=None):
     """Start a training process in its own process group; once it has written
-    ``after_checkpoints`` checkpoints, plus ``pause`` seconds, signal the whole group.
-    Returns (process, stdout, stderr, its run id)."""
+    ``after_checkpoints`` checkpoints (and ``ready(run_id)`` holds, if given), plus
+    ``pause`` seconds, signal the whole group. Returns (process, stdout, stderr, run id)."""
     before_runs, before_files = run_ids(cwd), checkpoints(cwd)
     process = subprocess.Popen(
-        [sys.executable, "-m", "gpucnn.train", *ARGS],
+        [sys.executable, "-m", "gpucnn.train", *ARGS, *extra],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -93,7 +93,8 @@ def start_and_stop(cwd, signal_number, after_checkpoints=1, pause=0.3):
         while time.time() < deadline and process.poll() is None:
             new = checkpoints(cwd) - before_files
             if new and _epochs_done(next(iter(new))) >= after_checkpoints:
-                break
+                if ready is None or ready(next(iter(run_ids(cwd) - before_runs))):
+                    break
             time.sleep(0.05)
         assert process.poll() is None, "the run ended before it could be stopped"
         time.sleep(pause)
@@ -203,16 +204,29 @@ def test_sigterm_to_the_job_saves_stops_and_the_run_goes_on_bit_for_bit(store, t
 
 
 def test_a_job_killed_without_a_word_is_found_failed_and_goes_on(store, tmp_path):
-    """...and goes on from its checkpoint file (resume=PATH): the same run."""
+    """...and goes on from its checkpoint file (resume=PATH): the same run. Checkpoints
+    every 3 epochs, killed once epoch 4 is in the store: the epochs logged after the
+    checkpoint are not logged twice when the run goes on."""
     cwd, reference = store
     before = checkpoints(cwd)
-    process, _, _, run_id = start_and_stop(cwd, signal.SIGKILL, after_checkpoints=2, pause=0.1)
+
+    def past_the_checkpoint(run_id):
+        return len(client_for(cwd).get_metric_history(run_id, "train_loss")) >= 4
+
+    process, _, _, run_id = start_and_stop(
+        cwd,
+        signal.SIGKILL,
+        pause=0.0,
+        extra=["trainer.checkpoint_every=3"],
+        ready=past_the_checkpoint,
+    )
     (its_checkpoint,) = checkpoints(cwd) - before
+    assert read_checkpoint(its_checkpoint).progress.epoch == 3
     assert process.returncode == -signal.SIGKILL
     client = client_for(cwd)
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody could say otherwise
     # Each completed epoch was in the store when it ended, whatever came next.
-    assert len(client.get_metric_history(run_id, "train_loss")) >= 2
+    assert len(client.get_metric_history(run_id, "train_loss")) >= 4
     # The next gpucnn start against this store (here: evaluate) finds it.
     found = subprocess.run(
         [sys.executable, "-m", "gpucnn.evaluate", "--run-id", reference, "--json"],

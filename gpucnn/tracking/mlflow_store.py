@@ -281,6 +281,20 @@ class MlflowTracker(Tracker):
         self.client = MlflowClient()
         self.run_id = run_id
         self._pending: list[Any] = []
+        self._logged_up_to: dict[str, int] = {}  # a resumed run: steps the store has
+
+    def skip_what_is_logged(self) -> None:
+        """For a run that goes on from a checkpoint: metric values the store already has
+        (logged after that checkpoint, before the stop) are not sent again. Resumed bit
+        for bit, they are the same values; sent again, the history would hold each twice."""
+        for key in self.client.get_run(self.run_id).data.metrics:
+            steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+            self._logged_up_to[key] = max(steps, default=-1)
+
+    def _new(self, metrics: list[Any]) -> list[Any]:
+        if not self._logged_up_to:
+            return metrics
+        return [m for m in metrics if m.step > self._logged_up_to.get(m.key, -1)]
 
     @_holding_ctrl_c
     def log_params(self, params: dict[str, Any]) -> None:
@@ -294,7 +308,9 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric  # noqa: PLC0415
 
         stamp = _now_ms()
-        self._pending += [Metric(k, float(v), stamp, int(step)) for k, v in metrics.items()]
+        self._pending += self._new(
+            [Metric(k, float(v), stamp, int(step)) for k, v in metrics.items()]
+        )
         if len(self._pending) >= METRICS_PER_BATCH:
             self.flush()
 
@@ -302,9 +318,9 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric  # noqa: PLC0415
 
         stamp = _now_ms()
-        self._pending += [
-            Metric(key, float(v), stamp, first_step + i) for i, v in enumerate(values)
-        ]
+        self._pending += self._new(
+            [Metric(key, float(v), stamp, first_step + i) for i, v in enumerate(values)]
+        )
         if len(self._pending) >= METRICS_PER_BATCH:
             self.flush()
 
