@@ -38,7 +38,12 @@ from gpucnn.config import (
 )
 from gpucnn.data import DataError, Dataset, load_data
 from gpucnn.fit import Checkpoints, DivergedError, TrainingStopped, check_trainer_settings, fit
-from gpucnn.interrupts import deferred_interrupt, sticky_interrupts, stop_on_signals
+from gpucnn.interrupts import (
+    deferred_interrupt,
+    sticky_interrupts,
+    stop_on_signals,
+    stop_requested,
+)
 from gpucnn.nn.model import load_checkpoint
 from gpucnn.resume import Resumption, prepare_resumption
 from gpucnn.tracking.liveness import this_process
@@ -133,6 +138,8 @@ def run(cfg: DictConfig) -> float:
     experiment_id = ensure_experiment(config["tracking"]["experiment"], artifacts)
     for note in resumption.notes if resumption else []:
         print(note, file=sys.stderr, flush=True)
+    if stop_requested():  # SIGTERM while setting up: nothing to save, no run to start
+        raise TrainingStopped(stop_requested(), 0, None)
     active = _start_run(mlflow, experiment_id, config, hydra_cfg, backend, resumption)
     with active:
         run_id = active.info.run_id
@@ -389,13 +396,21 @@ def main(cfg: DictConfig) -> float:
         print(f"gpucnn.train: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except TrainingStopped as stop:
-        run_id = getattr(stop, "run_id", "<run id>")
-        print(
-            f"gpucnn.train: {stop}; the run is marked KILLED and can go on with: "
-            f"python -m gpucnn.train resume={run_id}",
-            file=sys.stderr,
-            flush=True,
-        )
+        run_id = getattr(stop, "run_id", None)
+        if run_id is None:
+            print(
+                f"gpucnn.train: stopped by signal {stop.signal_number} before the run "
+                "started; nothing was logged",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print(
+                f"gpucnn.train: {stop}; the run is marked KILLED and can go on with: "
+                f"python -m gpucnn.train resume={run_id}",
+                file=sys.stderr,
+                flush=True,
+            )
         sys.exit(128 + stop.signal_number)
     except Exception as err:  # a SQLite store that failed under way: one line too
         problem = _store_failure(err)

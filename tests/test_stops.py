@@ -304,3 +304,36 @@ def test_what_a_resume_refuses_is_one_line(store, target, overrides, message, tm
     last = result.stderr.strip().splitlines()[-1]
     assert re.fullmatch(f"gpucnn.train: error: {message}.*", last), last
     assert {r: client_for(cwd).get_run(r).info.status for r in run_ids(cwd)} == before
+
+
+def test_sigterm_while_starting_leaves_no_run_running(tmp_path):
+    """Before the handler is set the default action ends the process; after it, the app
+    stops before it starts a run. Either way nothing is left RUNNING."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpucnn.train", *ARGS],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(),
+        start_new_session=True,
+    )
+    time.sleep(2.0)  # importing, composing the config, loading the data
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode in (-signal.SIGTERM, 143), err
+    if process.returncode == 143:
+        last = err.strip().splitlines()[-1]
+        assert (
+            last.startswith("gpucnn.train: stopped by signal 15")
+            and "KILLED" in last
+            or (
+                last == "gpucnn.train: stopped by signal 15 before the run started; nothing was "
+                "logged"
+            )
+        )
+    if (tmp_path / "runs" / "mlflow.db").exists():
+        client = client_for(tmp_path)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiments) if experiments else []
+        assert all(r.info.status != "RUNNING" for r in runs)
