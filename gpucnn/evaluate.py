@@ -23,7 +23,7 @@ from gpucnn.data import DataError, load_data
 from gpucnn.fit import evaluate
 from gpucnn.nn.checkpoint import read_checkpoint
 from gpucnn.nn.model import load_checkpoint
-from gpucnn.tracking.mlflow_store import mark_dead_runs, resolve_store
+from gpucnn.tracking.mlflow_store import mark_dead_runs, resolve_store, store_error
 
 SPLITS = ("train", "val", "test")
 
@@ -62,6 +62,7 @@ def _download(run_id: str, uri: str | None, into: Path) -> tuple[Path, Path]:
 
     tracking_uri, _ = resolve_store(uri, Path.cwd(), create=False)
     mlflow.set_tracking_uri(tracking_uri)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # output stays ours
     for dead, _ in mark_dead_runs(f"gpucnn.evaluate (pid {os.getpid()})"):
         print(f"gpucnn: run {dead}'s process no longer exists; marked FAILED", file=sys.stderr)
     try:
@@ -130,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_checkpoint(checkpoint, config, args.backend, args.split)
     except (ValueError, DataError, FileNotFoundError, BackendUnavailableError) as err:
         print(f"gpucnn.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a SQLite store that failed: one line too
+        problem = store_error(err, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+        if problem is None and args.run_id:
+            problem = store_error(err, "sqlite:///" + str(Path.cwd() / "runs" / "mlflow.db"))
+        if problem is None:
+            raise
+        print(f"gpucnn.evaluate: error: {problem}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result))

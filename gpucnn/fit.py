@@ -191,7 +191,7 @@ def fit(
     step_losses = _StepLosses(tracker, log_every, model.backend.xp, at.step)
     saver = _Saver(checkpoints, model, optimizer, tracker)
     show = sys.stderr.isatty() if progress is None else progress
-    if at.epoch == at.step == 0:
+    if resume is None:  # the kernels before training, once per run
         _log_kernels(model, tracker, 0, kernels_every)
     for epoch in range(at.epoch + 1, epochs + 1):
         bar = _progress_bar(show, -(-train.size // batch_size), epoch, epochs, at.batch)
@@ -203,7 +203,7 @@ def fit(
                 runner, optimizer, train, order, batch_size, step_losses, bar, at, saver
             )
         except DivergedError as err:
-            raise saver.diverged(err) from None
+            raise err if saver.named(err) else saver.diverged(err) from None
         at.seconds += time.perf_counter() - started
         if len(data.y_val):  # no validation split (val_fraction=0): no val metrics, not NaN
             val = _evaluate(model, runner, data.x_val, data.y_val)
@@ -298,10 +298,17 @@ class _Saver:
     def diverged(self, err: DivergedError) -> DivergedError:
         """``err`` naming the last good checkpoint, which stays as it was."""
         if self.last is None:
-            return DivergedError(f"{err}; no checkpoint was written before it")
-        return DivergedError(
-            f"{err}; the last good checkpoint is {self.last} (step {self.last_step})"
-        )
+            named = DivergedError(f"{err}; no checkpoint was written before it")
+        else:
+            named = DivergedError(
+                f"{err}; the last good checkpoint is {self.last} (step {self.last_step})"
+            )
+        named.checkpoint_named = True
+        return named
+
+    @staticmethod
+    def named(err: DivergedError) -> bool:
+        return getattr(err, "checkpoint_named", False)
 
 
 def _check_labels_once(model: Sequential, data: Any) -> None:

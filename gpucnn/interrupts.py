@@ -90,8 +90,8 @@ def stop_on_signals(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[No
     def remember(signum: int, frame: Any) -> None:
         _STOP[0] = _STOP[0] or signum
 
+    _STOP[0] = 0  # before the handler: a signal from then on is kept
     previous = {number: signal.signal(number, remember) for number in signals}
-    _STOP[0] = 0
     try:
         yield
     finally:

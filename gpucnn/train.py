@@ -16,7 +16,9 @@ word is marked FAILED by the next gpucnn.train or gpucnn.evaluate on the same ho
 from __future__ import annotations
 
 import os
+import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,7 @@ from gpucnn.interrupts import (
     stop_requested,
 )
 from gpucnn.nn.model import load_checkpoint
-from gpucnn.resume import Resumption, prepare_resumption
+from gpucnn.resume import Resumption, is_run_id, prepare_resumption
 from gpucnn.tracking.liveness import this_process
 from gpucnn.tracking.mlflow_store import (
     CHECKPOINT_TAG,
@@ -120,24 +122,40 @@ def run(cfg: DictConfig) -> float:
     if config.get("resume"):
         if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
             raise ValueError("resume= continues one run: drop -m (--multirun)")
-        uri, artifacts = resolve_store(config["tracking"]["uri"], launch_dir, create=False)
-        mlflow.set_tracking_uri(uri)
-        _report_dead_runs()
-        resumption = prepare_resumption(
-            config["resume"], list(hydra_cfg.overrides.task), config, output_dir
-        )
-        config = resumption.config
-    backend, dataset, model, optimizer = prepare(config)
-    digest = dataset.digest()
-    if resumption is not None:
-        model, optimizer = _resumed_model(resumption, model, backend, digest)
+        by_id = is_run_id(config["resume"])  # a run id: its store exists
+        try:
+            uri, artifacts = resolve_store(config["tracking"]["uri"], launch_dir, create=False)
+        except ValueError:
+            if by_id:
+                raise
+            uri = None  # no store yet: the file's run is not in it; made once all is checked
+        if uri is not None:
+            mlflow.set_tracking_uri(uri)
+            _report_dead_runs()
+        with tempfile.TemporaryDirectory(prefix="gpucnn-resume-") as scratch:
+            resumption = prepare_resumption(
+                config["resume"],
+                list(hydra_cfg.overrides.task),
+                config,
+                Path(scratch),
+                store=uri is not None,
+            )
+            config = resumption.config
+            backend, dataset, model, optimizer = prepare(config)
+            digest = dataset.digest()
+            model, optimizer = _resumed_model(resumption, model, backend, digest)
+        if uri is None:
+            uri, artifacts = resolve_store(config["tracking"]["uri"], launch_dir)
+            mlflow.set_tracking_uri(uri)
     else:
+        backend, dataset, model, optimizer = prepare(config)
+        digest = dataset.digest()
         uri, artifacts = resolve_store(config["tracking"]["uri"], launch_dir)
         mlflow.set_tracking_uri(uri)
         _report_dead_runs()
     experiment_id = ensure_experiment(config["tracking"]["experiment"], artifacts)
-    for note in resumption.notes if resumption else []:
-        print(note, file=sys.stderr, flush=True)
+    if resumption is not None:
+        _note_backend_change(resumption, backend.name)
     if stop_requested():  # SIGTERM while setting up: nothing to save, no run to start
         raise TrainingStopped(stop_requested(), 0, None)
     active = _start_run(mlflow, experiment_id, config, hydra_cfg, backend, resumption)
@@ -153,13 +171,18 @@ def run(cfg: DictConfig) -> float:
             checkpoints = Checkpoints(
                 output_dir / "model.npz",
                 config["trainer"]["checkpoint_every"],
-                {"config": config, "run_id": run_id, "data_digest": digest},
+                {
+                    "config": config,
+                    "run_id": run_id,
+                    "data_digest": digest,
+                    "backend": backend.name,
+                },
             )
             result = _train(model, optimizer, dataset, config, tracker, checkpoints, resumption)
             _log_outputs(tracker, model, result, output_dir)
         except TrainingStopped as stop:
             _end_stopped(mlflow, run_id, stop)
-            stop.run_id = run_id
+            stop.run_id, stop.hint = run_id, resume_hint(run_id, config)
             raise
         except KeyboardInterrupt:
             _mark_resumable(mlflow, run_id)
@@ -168,7 +191,10 @@ def run(cfg: DictConfig) -> float:
         except BaseException as err:
             with deferred_interrupt():
                 mlflow.set_tag("gpucnn.error", f"{type(err).__name__}: {err}"[:5000])
-            _mark_resumable(mlflow, run_id)
+            if isinstance(err, DivergedError):  # it would diverge again: start afresh
+                mlflow.set_tag(RESUMABLE_TAG, "false")
+            else:
+                _mark_resumable(mlflow, run_id)
             raise
         mlflow.set_tag(RESUMABLE_TAG, "false")  # it FINISHED
     summary(run_id, config, result, dataset.sizes(), checkpoints.path, uri, backend.name)
@@ -229,10 +255,31 @@ def _resumed_model(
 
 def _report_dead_runs() -> None:
     """Mark FAILED the runs of this host whose process died without a word; say so."""
-    for run_id, _ in mark_dead_runs(f"gpucnn.train (pid {os.getpid()})"):
+    for run_id, what in mark_dead_runs(f"gpucnn.train (pid {os.getpid()})"):
+        can_go_on = not what.endswith("last checkpoint: none")
         print(
             f"gpucnn: run {run_id} was left RUNNING by a process that no longer exists; "
-            f"marked FAILED (continue it with: python -m gpucnn.train resume={run_id})",
+            "marked FAILED"
+            + (f" (continue it with: python -m gpucnn.train resume={run_id})" if can_go_on else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def resume_hint(run_id: str, config: dict[str, Any]) -> str:
+    """The command that goes on with ``run_id``, naming its store when it is not the
+    default one (found again from the launch folder or MLFLOW_TRACKING_URI)."""
+    command = f"python -m gpucnn.train resume={run_id}"
+    uri = config["tracking"].get("uri")
+    return command + (f" tracking.uri={shlex.quote(uri)}" if uri else "")
+
+
+def _note_backend_change(resumption: Resumption, now: str) -> None:
+    before = resumption.progress.extra.get("backend")
+    if before is not None and before != now:
+        print(
+            f"gpucnn: the run ran on {before} and goes on on {now}: it goes on, but no "
+            "longer bit for bit as if it had never stopped",
             file=sys.stderr,
             flush=True,
         )
@@ -278,19 +325,23 @@ def _start_run(
         progress = resumption.progress
         tags["gpucnn.resumed_from"] = f"epoch {progress.epoch}, step {progress.step}"
         tags["gpucnn.epochs"] = str(config["trainer"]["epochs"])
+        if config["tracking"].get("run_name"):
+            tags["mlflow.runName"] = config["tracking"]["run_name"]
     existing = resumption.run_id if resumption else None
     if existing is not None and not _run_exists(mlflow, existing):
         existing = None  # a checkpoint file from another store: a new run goes on with it
     try:
         with deferred_interrupt():  # Ctrl-C here comes after the run exists: mark it
             if existing is not None:
-                active = mlflow.start_run(run_id=existing)
-                mlflow.set_tags(tags)
+                # The new process's tags first: the moment the run is RUNNING again, a
+                # dead-run sweep must see a live process; and nothing can fail after it.
                 client = mlflow.MlflowClient()
+                for key, value in tags.items():
+                    client.set_tag(existing, key, value)
                 for stale in ("gpucnn.error", "gpucnn.stopped"):  # it goes on now
                     if stale in client.get_run(existing).data.tags:
                         client.delete_tag(existing, stale)
-                return active
+                return mlflow.start_run(run_id=existing)
             return mlflow.start_run(
                 experiment_id=experiment_id,
                 run_name=config["tracking"]["run_name"],
@@ -396,7 +447,7 @@ def main(cfg: DictConfig) -> float:
         print(f"gpucnn.train: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except TrainingStopped as stop:
-        run_id = getattr(stop, "run_id", None)
+        run_id, hint = getattr(stop, "run_id", None), getattr(stop, "hint", "")
         if run_id is None:
             print(
                 f"gpucnn.train: stopped by signal {stop.signal_number} before the run "
@@ -406,8 +457,7 @@ def main(cfg: DictConfig) -> float:
             )
         else:
             print(
-                f"gpucnn.train: {stop}; the run is marked KILLED and can go on with: "
-                f"python -m gpucnn.train resume={run_id}",
+                f"gpucnn.train: {stop}; the run is marked KILLED and can go on with: {hint}",
                 file=sys.stderr,
                 flush=True,
             )

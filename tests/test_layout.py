@@ -45,7 +45,10 @@ MAY_IMPORT = {
         "config",
         "resume",
     },
-    "resume": {"nn"},  # what a resumed run goes on from, and the overrides it takes
+    "resume": {
+        "nn",
+        "tracking.mlflow_store",
+    },  # what a resumed run goes on from, and the overrides it takes
     "evaluate": {"array", "nn", "data", "fit", "tracking.mlflow_store"},
     "explain": {"array", "nn"},
     "gpucnn": {"array", "nn", "parallel"},  # gpucnn/__init__.py: the public names

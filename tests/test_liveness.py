@@ -31,3 +31,14 @@ def test_a_reused_process_id_is_not_the_runs_process():
     boot, ticks = me.start.rsplit(":", 1)
     assert not is_alive(dataclasses.replace(me, start=f"{boot}:{int(ticks) + 1}"))
     assert not is_alive(dataclasses.replace(me, start=f"another-boot:{ticks}"))
+
+
+def test_two_containers_or_machines_sharing_a_host_name_are_not_the_same_machine():
+    me = this_process()
+    twin = dataclasses.replace(me, machine="another-machine:4026531836")
+    assert me.same_machine(me)
+    assert not me.same_machine(twin) and not twin.same_machine(me)
+    assert not me.same_machine(dataclasses.replace(me, host="elsewhere"))
+    unknown = dataclasses.replace(me, machine="")  # an older run, or no /proc: host decides
+    assert me.same_machine(unknown)
+    assert ProcessIdentity.from_tags(me.as_tags()).machine == me.machine

@@ -180,3 +180,25 @@ def test_parameters_spoiled_by_an_epochs_last_step_are_caught_by_its_checkpoint(
         "values: no checkpoint written; no checkpoint was written before it"
     )
     assert not path.exists()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_stop_that_meets_spoilt_parameters_names_the_checkpoint_once(digits, tmp_path):
+    """SIGTERM lands while a weight has just turned NaN: the stop's checkpoint is refused
+    and the run ends as diverged, with the last good checkpoint named once."""
+    from gpucnn.fit import DivergedError
+
+    model, path = build(digits, "float32"), tmp_path / "ck.npz"
+
+    class SpoilsAndStops(SpoilsAWeight):
+        def log_metric_history(self, key, values, first_step):
+            super().log_metric_history(key, values, first_step)
+            if first_step + len(values) - 1 == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    with stop_on_signals(), pytest.raises(DivergedError) as diverged:
+        train(digits, model, Adam(3e-3), SpoilsAndStops(model, at=30), path)
+    message = str(diverged.value)
+    assert message.startswith("the parameters are not finite after step 30: conv1.weight")
+    assert message.count("last good checkpoint") == 1
+    assert message.endswith(f"the last good checkpoint is {path} (step 21)")

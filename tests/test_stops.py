@@ -256,7 +256,7 @@ REFUSALS = [
         "file",
         ["optimizer.lr=0.5"],
         r"resume: optimizer\.lr cannot change when a run goes on \(the run has 0\.001, the "
-        r"override gives 0\.5\); allowed: trainer\.epochs, tracking\.\*, data\.path, backend",
+        r"override gives 0\.5\); allowed: trainer\.epochs, .*tracking\.\*, data\.path, backend",
     ),
     ("file", ["model=lenet"], r"resume: 'model=lenet' cannot be given: a resumed run keeps"),
     (
@@ -266,6 +266,7 @@ REFUSALS = [
         r"trainer\.epochs >= 12",
     ),
     ("run", [], r"resume=\w+: the run FINISHED; there is nothing to go on with"),
+    ("its own store", [], r"resume=\S+model\.npz \(run \w+\): the run FINISHED"),
     ("mismatch", [], r"resume: checkpoint '.*' does not match its run's config"),
     ("nothing", [], r"resume='0123' is neither a checkpoint file nor a run id"),
 ]
@@ -287,8 +288,9 @@ def mismatched_checkpoint(source, tmp_path):
 
 @pytest.mark.parametrize("target, overrides, message", REFUSALS)
 def test_what_a_resume_refuses_is_one_line(store, target, overrides, message, tmp_path):
-    """Against the reference run (FINISHED) or its checkpoint file; nothing in the store
-    changes."""
+    """Against the reference run (FINISHED), or its checkpoint file: in the run's own
+    store (so FINISHED too), or from another folder (where its run is unknown, so the
+    overrides are what is refused). Nothing in the store changes."""
     cwd, reference = store
     before = {r: client_for(cwd).get_run(r).info.status for r in run_ids(cwd)}
     where = {
@@ -296,11 +298,17 @@ def test_what_a_resume_refuses_is_one_line(store, target, overrides, message, tm
         "file": str(STORE["reference checkpoint"]),
         "nothing": "0123",
         "mismatch": "mismatch",
+        "its own store": str(STORE["reference checkpoint"]),
     }[target]
     if target == "mismatch":
         where = str(mismatched_checkpoint(STORE["reference checkpoint"], tmp_path))
-    result = train(cwd, f"resume={where}", *overrides)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = train(
+        cwd if target in ("run", "its own store") else elsewhere, f"resume={where}", *overrides
+    )
     assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # nothing else
     last = result.stderr.strip().splitlines()[-1]
     assert re.fullmatch(f"gpucnn.train: error: {message}.*", last), last
     assert {r: client_for(cwd).get_run(r).info.status for r in run_ids(cwd)} == before

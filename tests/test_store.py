@@ -100,9 +100,40 @@ def test_resume_refuses_a_run_without_a_checkpoint_or_still_running(tmp_path, mo
         with pytest.raises(ValueError, match=r"the run \(KILLED\) has no checkpoint to go on"):
             find_checkpoint(early.info.run_id, tmp_path)
         live = client.create_run("0", tags=this_process().as_tags())
-        with pytest.raises(
-            ValueError, match=rf"still RUNNING in another process \(pid {os.getpid()} "
-        ):
+        with pytest.raises(ValueError, match=rf"is still RUNNING \(pid {os.getpid()} on "):
             find_checkpoint(live.info.run_id, tmp_path)
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_a_checkpoint_file_behind_its_run_is_refused():
+    """resume=PATH with an older checkpoint of a run that went on would roll it back."""
+    from types import SimpleNamespace
+
+    from gpucnn.resume import _check_not_behind
+
+    run = SimpleNamespace(
+        info=SimpleNamespace(run_id="a" * 32),
+        data=SimpleNamespace(
+            tags={"gpucnn.checkpoint": "checkpoint/model.npz after epoch 4, step 84"}
+        ),
+    )
+    older = SimpleNamespace(step=42)
+    with pytest.raises(
+        ValueError,
+        match=rf"is at step 42 but its run went on to step 84; go on "
+        rf"from the run's last checkpoint \(resume={'a' * 32}\)",
+    ):
+        _check_not_behind(run, older, Path("old.npz"))
+    _check_not_behind(run, SimpleNamespace(step=84), Path("latest.npz"))  # fine
+
+
+def test_the_resume_hint_names_a_store_given_on_the_command_line():
+    from gpucnn.train import resume_hint
+
+    assert resume_hint("r" * 32, {"tracking": {"uri": None}}) == (
+        f"python -m gpucnn.train resume={'r' * 32}"
+    )
+    assert resume_hint("r" * 32, {"tracking": {"uri": "sqlite:////a b/x.db"}}) == (
+        f"python -m gpucnn.train resume={'r' * 32} tracking.uri='sqlite:////a b/x.db'"
+    )

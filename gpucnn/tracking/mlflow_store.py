@@ -75,9 +75,10 @@ def resolve_store(
     if not create and database is not None and not database.is_file():
         raise ValueError(
             f"no MLflow store at {uri}: {str(database)!r} does not exist (run from the "
-            "directory you trained in, or give the store: --tracking-uri or MLFLOW_TRACKING_URI)"
+            "directory you trained in, or give the store: tracking.uri=... for gpucnn.train, "
+            "--tracking-uri for gpucnn.evaluate, or MLFLOW_TRACKING_URI)"
         )
-    if database is not None:
+    if database is not None and create:  # readers find it made: they need no lock
         ready_sqlite_store(uri, database)
     return uri, artifacts
 
@@ -112,9 +113,9 @@ def ready_sqlite_store(uri: str, database: Path) -> None:
             f"the MLflow store {str(database)!r} cannot be written: {err.strerror or err} "
             "(choose another folder, or tracking.uri / MLFLOW_TRACKING_URI)"
         ) from None
+    deadline = time.monotonic() + seconds  # for the lock and the store together
     try:
-        _lock(handle, database, seconds)
-        deadline = time.monotonic() + seconds
+        _lock(handle, database, seconds, deadline)
         while True:
             try:
                 MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
@@ -130,12 +131,11 @@ def ready_sqlite_store(uri: str, database: Path) -> None:
         os.close(handle)  # releases the lock
 
 
-def _lock(handle: int, database: Path, seconds: float) -> None:
+def _lock(handle: int, database: Path, seconds: float, deadline: float) -> None:
     try:
         import fcntl  # noqa: PLC0415 - POSIX; elsewhere the store is set up unlocked
     except ImportError:
         return
-    deadline = time.monotonic() + seconds
     while True:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -189,9 +189,10 @@ def sqlite_file(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative to the current directory when
     the path is), else None."""
     prefix = "sqlite:///"
-    if not uri.startswith(prefix) or uri[len(prefix) :] in ("", ":memory:"):
+    path = uri[len(prefix) :].split("?", 1)[0]  # (a query such as ?timeout=30 is not the file)
+    if not uri.startswith(prefix) or path in ("", ":memory:"):
         return None
-    return Path(uri[len(prefix) :])
+    return Path(path)
 
 
 def is_server(uri: str) -> bool:
@@ -291,6 +292,9 @@ class MlflowTracker(Tracker):
             steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
             self._logged_up_to[key] = max(steps, default=-1)
 
+    def _already_logged(self, key: str, step: int) -> bool:
+        return step <= self._logged_up_to.get(key, -1)
+
     def _new(self, metrics: list[Any]) -> list[Any]:
         if not self._logged_up_to:
             return metrics
@@ -337,6 +341,8 @@ class MlflowTracker(Tracker):
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         import mlflow  # noqa: PLC0415
 
+        if key.startswith("kernels/") and self._already_logged("train_loss", step):
+            return  # an epoch's kernels, logged with its metrics before the stop
         mlflow.log_image(image, key=key, step=int(step), synchronous=True)
 
     @_holding_ctrl_c
@@ -359,6 +365,32 @@ class MlflowTracker(Tracker):
         self.client.set_tag(self.run_id, CHECKPOINT_TAG, where)
 
 
+def _running_runs_of(client: Any, host: str) -> list[Any]:
+    """Every RUNNING run tagged with ``host``, in every experiment (page by page)."""
+    experiments, token = [], None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        experiments += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            break
+    found = []
+    for start in range(0, len(experiments), 100):  # a bounded number per query
+        token = None
+        while True:
+            page = client.search_runs(
+                experiments[start : start + 100],
+                filter_string=f"attributes.status = 'RUNNING' and tags.`gpucnn.host` = '{host}'",
+                max_results=1000,
+                page_token=token,
+            )
+            found += list(page)
+            token = page.token
+            if not token:
+                break
+    return found
+
+
 def mark_dead_runs(found_by: str) -> list[tuple[str, str]]:
     """Mark FAILED every RUNNING run of the active store whose process, on this host, no
     longer exists (killed with SIGKILL, out of memory, a power cut): a tag says so and
@@ -367,19 +399,11 @@ def mark_dead_runs(found_by: str) -> list[tuple[str, str]]:
     from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
     client = MlflowClient()
-    here = this_process().host
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return []
-    found = client.search_runs(
-        experiments,
-        filter_string=f"attributes.status = 'RUNNING' and tags.`gpucnn.host` = '{here}'",
-        max_results=1000,
-    )
+    me = this_process()
     marked = []
-    for run in found:
+    for run in _running_runs_of(client, me.host):
         owner = ProcessIdentity.from_tags(run.data.tags)
-        if owner is None or owner.host != here or is_alive(owner):
+        if owner is None or not owner.same_machine(me) or is_alive(owner):
             continue
         checkpoint = run.data.tags.get(CHECKPOINT_TAG)
         what = (
