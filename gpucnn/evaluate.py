@@ -133,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpucnn.evaluate: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a SQLite store that failed: one line too
-        problem = store_error(err, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
-        if problem is None and args.run_id:
-            problem = store_error(err, "sqlite:///" + str(Path.cwd() / "runs" / "mlflow.db"))
+        problem = store_error(err)
         if problem is None:
             raise
         print(f"gpucnn.evaluate: error: {problem}", file=sys.stderr)

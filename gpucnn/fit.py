@@ -198,27 +198,27 @@ def fit(
         started = time.perf_counter()
         at.order_state = rng.state()  # before this epoch's shuffle
         order = model.backend.asarray(rng.permutation(train.size))
-        try:
+        try:  # a divergence anywhere in the epoch names the last good checkpoint, once
             epoch_metrics = _train_epoch(
                 runner, optimizer, train, order, batch_size, step_losses, bar, at, saver
             )
+            at.seconds += time.perf_counter() - started
+            if len(data.y_val):  # no validation split (val_fraction=0): no val metrics
+                val = _evaluate(model, runner, data.x_val, data.y_val)
+                epoch_metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            for key, value in epoch_metrics.items():
+                at.history.setdefault(key, []).append(value)
+            speed = train.size * epoch / max(at.seconds, 1e-9)  # both over the whole run
+            tracker.log_metrics({**epoch_metrics, "epoch_images_per_second": speed}, step=epoch)
+            tracker.flush()  # this epoch is in the store, whatever happens next
+            _close_progress_bar(bar, epoch_metrics)
+            _log_kernels(model, tracker, epoch, kernels_every, final=epoch == epochs)
+            at.epoch, at.batch, at.order_state = epoch, 0, rng.state()
+            at.loss_sum, at.correct = _zero_sums(train)
+            if saver.due(epoch, epochs):
+                saver.save(at)
         except DivergedError as err:
-            raise err if saver.named(err) else saver.diverged(err) from None
-        at.seconds += time.perf_counter() - started
-        if len(data.y_val):  # no validation split (val_fraction=0): no val metrics, not NaN
-            val = _evaluate(model, runner, data.x_val, data.y_val)
-            epoch_metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-        for key, value in epoch_metrics.items():
-            at.history.setdefault(key, []).append(value)
-        speed = train.size * epoch / max(at.seconds, 1e-9)  # both over the whole run
-        tracker.log_metrics({**epoch_metrics, "epoch_images_per_second": speed}, step=epoch)
-        tracker.flush()  # this epoch is in the store, whatever happens next
-        _close_progress_bar(bar, epoch_metrics)
-        _log_kernels(model, tracker, epoch, kernels_every, final=epoch == epochs)
-        at.epoch, at.batch, at.order_state = epoch, 0, rng.state()
-        at.loss_sum, at.correct = _zero_sums(train)
-        if saver.due(epoch, epochs):
-            saver.save(at)
+            raise saver.diverged(err) from None
     metrics = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
     result = TrainResult(history={k: list(at.history.get(k, [])) for k in metrics})
     result.steps = at.step
@@ -288,8 +288,8 @@ class _Saver:
         try:
             written = save_checkpoint(self.plan.path, self.model, self.optimizer, at)
         except FloatingPointError as err:  # an update that no step's loss has shown yet
-            bad = DivergedError(f"the parameters are not finite after step {at.step}: {err}")
-            raise self.diverged(bad) from None
+            problem = f"the parameters are not finite after step {at.step}: {err}"
+            raise DivergedError(problem) from None
         self.last = written
         self.last_step = at.step
         self.tracker.log_checkpoint(self.last, at.epoch, at.step)
@@ -298,17 +298,10 @@ class _Saver:
     def diverged(self, err: DivergedError) -> DivergedError:
         """``err`` naming the last good checkpoint, which stays as it was."""
         if self.last is None:
-            named = DivergedError(f"{err}; no checkpoint was written before it")
-        else:
-            named = DivergedError(
-                f"{err}; the last good checkpoint is {self.last} (step {self.last_step})"
-            )
-        named.checkpoint_named = True
-        return named
-
-    @staticmethod
-    def named(err: DivergedError) -> bool:
-        return getattr(err, "checkpoint_named", False)
+            return DivergedError(f"{err}; no checkpoint was written before it")
+        return DivergedError(
+            f"{err}; the last good checkpoint is {self.last} (step {self.last_step})"
+        )
 
 
 def _check_labels_once(model: Sequential, data: Any) -> None:
@@ -327,7 +320,6 @@ class _TrainingSplit:
     def __init__(self, model: Sequential, data: Any) -> None:
         backend = model.backend
         self.size = len(data.y_train)
-        self.head = model.head
         self.x = backend.asarray(data.x_train, model.dtype)
         self.labels = _labels_for(model, data.y_train)  # as the head takes them
         self.classes = backend.asarray(data.y_train).astype("int64")  # for accuracy
@@ -375,7 +367,7 @@ def _train_epoch(
             raise _diverged(float(loss), at.step + 1, f"first non-finite: {where}")
         optimizer.step(runner.params, runner.backward())
         loss_sum += loss * len(index)
-        correct += (train.head.predict(runner.last_output) == train.classes[index]).sum()
+        correct += (train.model.head.predict(runner.last_output) == train.classes[index]).sum()
         at.step += 1
         shown = step_losses.add(loss)
         if bar is not None:

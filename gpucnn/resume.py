@@ -70,7 +70,7 @@ def find_checkpoint(target: str, into: Path) -> tuple[Path, str | None]:
     import mlflow  # noqa: PLC0415
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
 
-    run = _stored_run(target)
+    run = stored_run(target)
     if run is None:
         raise ValueError(f"resume={target}: no run with that id in {mlflow.get_tracking_uri()}")
     _check_can_go_on(run, f"resume={target}")
@@ -87,7 +87,7 @@ def find_checkpoint(target: str, into: Path) -> tuple[Path, str | None]:
     return Path(local), target
 
 
-def _stored_run(run_id: str) -> Any:
+def stored_run(run_id: str) -> Any:
     """The run with this id in the active store, or None."""
     import mlflow  # noqa: PLC0415
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
@@ -142,12 +142,15 @@ def prepare_resumption(
             "save_checkpoint, or before runs could be resumed); only gpucnn.train's can"
         )
     if store and run_id is None and progress.extra.get("run_id"):  # a file: its stored run
-        run = _stored_run(progress.extra["run_id"])
+        run = stored_run(progress.extra["run_id"])
         if run is not None:
             _check_can_go_on(run, f"resume={target} (run {run.info.run_id})")
             _check_not_behind(run, progress, path)
             run_id = run.info.run_id
-    config = copy.deepcopy(progress.extra["config"])
+    from omegaconf import OmegaConf  # noqa: PLC0415 - the edge: Hydra's config library
+
+    config = OmegaConf.create(copy.deepcopy(progress.extra["config"]))
+    given = OmegaConf.create(composed)
     if checkpoint.architecture.get("layers") is None:
         raise checkpoint.damaged("its architecture lists no layers")
     for override in overrides:
@@ -159,22 +162,24 @@ def prepare_resumption(
                 f"resume: {override!r} cannot be given: a resumed run keeps its config "
                 f"(allowed: {ALLOWED_TEXT})"
             )
-        new, old = _lookup(composed, key), _lookup(config, key)
+        new = OmegaConf.select(given, key, default=_MISSING)
+        old = OmegaConf.select(config, key, default=_MISSING)
         if key == "tracking.experiment" and new != old:
             raise ValueError(
                 f"resume: tracking.experiment cannot change: a run stays in its experiment "
                 f"({old!r})"
             )
         if any(key == a or (a.endswith(".") and key.startswith(a)) for a in ALLOWED):
-            _assign(config, key, new)
+            OmegaConf.update(config, key, new, merge=False)
         elif new != old:
             raise ValueError(
                 f"resume: {key} cannot change when a run goes on (the run has {_shown(old)}, "
                 f"the override gives {_shown(new)}); allowed: {ALLOWED_TEXT}"
             )
-    _check_epochs(config["trainer"]["epochs"], progress)
-    config["resume"] = None
-    return Resumption(config, progress, path, run_id)
+    config.resume = None
+    plain = OmegaConf.to_container(config)
+    _check_epochs(plain["trainer"]["epochs"], progress)
+    return Resumption(plain, progress, path, run_id)
 
 
 def _check_epochs(epochs: Any, progress: Progress) -> None:
@@ -191,23 +196,3 @@ _MISSING = object()
 
 def _shown(value: Any) -> str:
     return "no such key" if value is _MISSING else repr(value)
-
-
-def _lookup(config: dict[str, Any], key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return _MISSING
-    return node
-
-
-def _assign(config: dict[str, Any], key: str, value: Any) -> None:
-    *parents, last = key.split(".")
-    node = config
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value

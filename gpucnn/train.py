@@ -47,7 +47,7 @@ from gpucnn.interrupts import (
     stop_requested,
 )
 from gpucnn.nn.model import load_checkpoint
-from gpucnn.resume import Resumption, is_run_id, prepare_resumption
+from gpucnn.resume import Resumption, is_run_id, prepare_resumption, stored_run
 from gpucnn.tracking.liveness import this_process
 from gpucnn.tracking.mlflow_store import (
     CHECKPOINT_TAG,
@@ -120,39 +120,16 @@ def run(cfg: DictConfig) -> float:
     launch_dir = hydra_cfg.runtime.cwd
     resumption = None
     if config.get("resume"):
-        if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
-            raise ValueError("resume= continues one run: drop -m (--multirun)")
-        by_id = is_run_id(config["resume"])  # a run id: its store exists
-        try:
-            uri, artifacts = resolve_store(config["tracking"]["uri"], launch_dir, create=False)
-        except ValueError:
-            if by_id:
-                raise
-            uri = None  # no store yet: the file's run is not in it; made once all is checked
-        if uri is not None:
-            mlflow.set_tracking_uri(uri)
-            _report_dead_runs()
-        with tempfile.TemporaryDirectory(prefix="gpucnn-resume-") as scratch:
-            resumption = prepare_resumption(
-                config["resume"],
-                list(hydra_cfg.overrides.task),
-                config,
-                Path(scratch),
-                store=uri is not None,
-            )
-            config = resumption.config
-            backend, dataset, model, optimizer = prepare(config)
-            digest = dataset.digest()
-            model, optimizer = _resumed_model(resumption, model, backend, digest)
-        if uri is None:
-            uri, artifacts = resolve_store(config["tracking"]["uri"], launch_dir)
-            mlflow.set_tracking_uri(uri)
+        resumption, (backend, dataset, model, optimizer, digest), (uri, artifacts) = (
+            _prepare_resumed(config, hydra_cfg, mlflow)
+        )
+        config = resumption.config
     else:
         backend, dataset, model, optimizer = prepare(config)
         digest = dataset.digest()
         uri, artifacts = resolve_store(config["tracking"]["uri"], launch_dir)
         mlflow.set_tracking_uri(uri)
-        _report_dead_runs()
+        _report_dead_runs(config)
     experiment_id = ensure_experiment(config["tracking"]["experiment"], artifacts)
     if resumption is not None:
         _note_backend_change(resumption, backend.name)
@@ -199,6 +176,34 @@ def run(cfg: DictConfig) -> float:
         mlflow.set_tag(RESUMABLE_TAG, "false")  # it FINISHED
     summary(run_id, config, result, dataset.sizes(), checkpoints.path, uri, backend.name)
     return result.test["test_accuracy"]
+
+
+def _prepare_resumed(config: dict[str, Any], hydra_cfg: Any, mlflow: Any) -> tuple:
+    """For ``resume=``: (the resumption, (backend, data, model, optimizer, data digest)
+    loaded from its checkpoint, (store uri, artifact location)), with the store set."""
+    if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
+        raise ValueError("resume= continues one run: drop -m (--multirun)")
+    launch_dir, by_id = hydra_cfg.runtime.cwd, is_run_id(config["resume"])
+    try:
+        uri, artifacts = resolve_store(config["tracking"]["uri"], launch_dir, create=False)
+    except ValueError:
+        if by_id:  # a run id needs its store
+            raise
+        uri = None  # no store yet: the file's run is not in it; made once all is checked
+    if uri is not None:
+        mlflow.set_tracking_uri(uri)
+        _report_dead_runs(config)
+    with tempfile.TemporaryDirectory(prefix="gpucnn-resume-") as scratch:
+        resumption = prepare_resumption(
+            config["resume"], list(hydra_cfg.overrides.task), config, Path(scratch), uri is not None
+        )
+        backend, dataset, model, optimizer = prepare(resumption.config)
+        digest = dataset.digest()
+        model, optimizer = _resumed_model(resumption, model, backend, digest)
+    if uri is None:
+        uri, artifacts = resolve_store(resumption.config["tracking"]["uri"], launch_dir)
+        mlflow.set_tracking_uri(uri)
+    return resumption, (backend, dataset, model, optimizer, digest), (uri, artifacts)
 
 
 def _train(
@@ -253,14 +258,13 @@ def _resumed_model(
     return model, optimizer
 
 
-def _report_dead_runs() -> None:
+def _report_dead_runs(config: dict[str, Any]) -> None:
     """Mark FAILED the runs of this host whose process died without a word; say so."""
-    for run_id, what in mark_dead_runs(f"gpucnn.train (pid {os.getpid()})"):
-        can_go_on = not what.endswith("last checkpoint: none")
+    for run_id, checkpoint in mark_dead_runs(f"gpucnn.train (pid {os.getpid()})"):
         print(
             f"gpucnn: run {run_id} was left RUNNING by a process that no longer exists; "
             "marked FAILED"
-            + (f" (continue it with: python -m gpucnn.train resume={run_id})" if can_go_on else ""),
+            + (f" (continue it with: {resume_hint(run_id, config)})" if checkpoint else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -328,7 +332,7 @@ def _start_run(
         if config["tracking"].get("run_name"):
             tags["mlflow.runName"] = config["tracking"]["run_name"]
     existing = resumption.run_id if resumption else None
-    if existing is not None and not _run_exists(mlflow, existing):
+    if existing is not None and stored_run(existing) is None:
         existing = None  # a checkpoint file from another store: a new run goes on with it
     try:
         with deferred_interrupt():  # Ctrl-C here comes after the run exists: mark it
@@ -351,16 +355,6 @@ def _start_run(
     except KeyboardInterrupt:
         _mark_killed(mlflow)
         raise
-
-
-def _run_exists(mlflow: Any, run_id: str) -> bool:
-    from mlflow.exceptions import MlflowException  # noqa: PLC0415
-
-    try:
-        mlflow.MlflowClient().get_run(run_id)
-    except MlflowException:
-        return False
-    return True
 
 
 def _log_inputs(
@@ -431,12 +425,6 @@ def summary(
     )
 
 
-def _store_failure(err: BaseException) -> ValueError | None:
-    if "mlflow" not in sys.modules:
-        return None
-    return store_error(err, sys.modules["mlflow"].get_tracking_uri())
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     started = time.perf_counter()
@@ -463,7 +451,7 @@ def main(cfg: DictConfig) -> float:
             )
         sys.exit(128 + stop.signal_number)
     except Exception as err:  # a SQLite store that failed under way: one line too
-        problem = _store_failure(err)
+        problem = store_error(err)
         if problem is None:
             raise
         print(f"gpucnn.train: error: {problem}", file=sys.stderr, flush=True)

@@ -113,6 +113,10 @@ class Sequential:
         """Live parameter arrays by name ("layer.param"); optimizers update them in place."""
         return {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.params.items()}
 
+    def named_grads(self) -> dict[str, Array]:
+        """The layers' current gradients by name ("layer.param"), no L2 term."""
+        return {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.grads.items()}
+
     def decayed_params(self) -> list[str]:
         """Names of the parameters under L2 regularisation (weights, never biases)."""
         return [f"{layer.name}.{k}" for layer in self.layers for k in layer.decayed]
@@ -217,7 +221,7 @@ class Sequential:
         for position in range(len(order) - 1, -1, -1):
             # The first layer's input gradient is never used: skip its col2im.
             grad = self.layers[order[position]]._backward(grad, need_input_grad=position > 0)
-        grads = {f"{layer.name}.{k}": v for layer in self.layers for k, v in layer.grads.items()}
+        grads = self.named_grads()
         if self._penalized:
             for key, value in self.penalty_gradients().items():
                 grads[key] = grads[key] + value

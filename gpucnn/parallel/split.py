@@ -53,8 +53,6 @@ class BatchSplit:
 
     def __init__(self, model: Sequential) -> None:
         self.model = model
-        self.grads: dict[str, Array] = {}
-        self.last_output: Array | None = None
         self.slices: list[slice] = []  # of the last loss()
         self.remote_slices = 0  # how many of them went to worker processes
         self._replicas: list[Sequential] = []  # one per slice computed in this process
@@ -65,6 +63,16 @@ class BatchSplit:
     def params(self) -> dict[str, Array]:
         """The model's live parameters (optimizers update them in place)."""
         return self.model.params
+
+    @property
+    def grads(self) -> dict[str, Array]:
+        """The whole batch's gradients of the last :meth:`backward` (the model's)."""
+        return self.model.grads
+
+    @property
+    def last_output(self) -> Array | None:
+        """The whole batch's head input of the last :meth:`loss` (the model's)."""
+        return self.model.last_output
 
     # -- how a batch is cut ----------------------------------------------------------
     def _slices_for(self, n: int) -> tuple[list[slice], list[workers.Worker] | None]:
@@ -100,16 +108,12 @@ class BatchSplit:
         while len(self._replicas) < count:
             self._replicas.append(self.model.replica())
 
-    def _part(self, k: int) -> Sequential:
-        """The replica that computes slice k in this process."""
-        return self._replicas[k]
-
     # -- computation -----------------------------------------------------------------
     def forward(self, x: Any) -> Array:
         """The head's input for a batch, computed in thread slices."""
         x = self.model.prepare_input(x)
         slices = self._slices_in_threads(x.shape[0])
-        outs = run_slices(slices, lambda k, part: self._part(k).forward(x[part]))
+        outs = run_slices(slices, lambda k, part: self._replicas[k].forward(x[part]))
         return outs[0] if len(outs) == 1 else self.model.backend.xp.concatenate(outs)
 
     def predict_proba(self, x: Any) -> Array:
@@ -127,10 +131,9 @@ class BatchSplit:
         if len(slices) == 1:  # the common case on CuPy and for small batches: no bookkeeping
             self.slices, self.remote_slices = slices, 0
             value = self._replicas[0].data_loss(x, labels)
-            self.last_output = self._replicas[0].last_output
+            model.last_output = self._replicas[0].last_output
         else:
             value = self._loss_in_slices(x, labels, slices, helpers)
-        model.last_output = self.last_output
         self._penalized = bool(penalty and model.l2)
         if self._penalized:
             value = value + model.penalty()
@@ -140,10 +143,11 @@ class BatchSplit:
     def _loss_in_slices(
         self, x: Array, labels: Array, slices: list[slice], helpers: list[workers.Worker] | None
     ) -> Array:
-        """The mean data loss of a batch cut in several slices (``last_output`` too)."""
+        """The mean data loss of a batch cut in several slices (and the model's
+        ``last_output``)."""
 
         def forward_part(k: int, part: slice) -> tuple[Array, Array]:
-            replica = self._part(k)
+            replica = self._replicas[k]
             value = replica.data_loss(x[part], labels[part])
             return replica.last_output, value
 
@@ -159,9 +163,9 @@ class BatchSplit:
             results = run_slices(slices, forward_part)
         self.slices = slices
         if len(results) == 1:  # a worker died and the thread plan has one slice
-            self.last_output, value = results[0]
+            self.model.last_output, value = results[0]
             return value
-        self.last_output = self.model.backend.xp.concatenate([net for net, _ in results])
+        self.model.last_output = self.model.backend.xp.concatenate([net for net, _ in results])
         weights = slice_weights(slices)
         return sum(w * part_loss for w, (_, part_loss) in zip(weights, results, strict=True))
 
@@ -172,7 +176,7 @@ class BatchSplit:
         model = self.model
 
         def backward_part(k: int, part: slice) -> list[dict[str, Array]]:
-            replica = self._part(k)
+            replica = self._replicas[k]
             replica.backward()
             return [layer.grads for layer in replica.layers]
 
@@ -193,13 +197,11 @@ class BatchSplit:
                     key: sum(w * part[i][key] for w, part in zip(weights, results, strict=True))
                     for key in results[0][i]
                 }
-            grads = {
-                f"{layer.name}.{k}": v for layer in model.layers for k, v in layer.grads.items()
-            }
+            grads = model.named_grads()
         if self._penalized:
             for key, value in model.penalty_gradients().items():
                 grads[key] = grads[key] + value
-        self.grads = model.grads = grads
+        model.grads = grads
         self._loss_ready = False
         return grads
 

@@ -175,10 +175,12 @@ def _store_message(database: Path, problem: str, seconds: float) -> str:
     )
 
 
-def store_error(err: BaseException, uri: str) -> ValueError | None:
-    """A one-line error for a SQLite store failure met while a run was under way (locked
+def store_error(err: BaseException) -> ValueError | None:
+    """A one-line error for a failure of the active SQLite store met under way (locked
     past MLflow's own 20 s, or unwritable), else None."""
-    database = sqlite_file(uri)
+    if "mlflow" not in sys.modules:  # nothing was opened yet
+        return None
+    database = sqlite_file(sys.modules["mlflow"].get_tracking_uri())
     problem = _store_problem(err) if database is not None else None
     if problem is None:
         return None
@@ -391,11 +393,11 @@ def _running_runs_of(client: Any, host: str) -> list[Any]:
     return found
 
 
-def mark_dead_runs(found_by: str) -> list[tuple[str, str]]:
+def mark_dead_runs(found_by: str) -> list[tuple[str, str | None]]:
     """Mark FAILED every RUNNING run of the active store whose process, on this host, no
     longer exists (killed with SIGKILL, out of memory, a power cut): a tag says so and
     names its last checkpoint. Runs of other hosts are never touched. Returns (run id,
-    what happened) for each run marked."""
+    its last checkpoint or None) for each run marked."""
     from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
     client = MlflowClient()
@@ -415,7 +417,7 @@ def mark_dead_runs(found_by: str) -> list[tuple[str, str]]:
             client.set_tag(run.info.run_id, "gpucnn.error", what[:5000])
             client.set_tag(run.info.run_id, RESUMABLE_TAG, "true" if checkpoint else "false")
             client.set_terminated(run.info.run_id, "FAILED")
-        marked.append((run.info.run_id, what))
+        marked.append((run.info.run_id, checkpoint))
     return marked
 
 
