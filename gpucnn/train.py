@@ -119,6 +119,8 @@ def run(cfg: DictConfig) -> float:
     config = to_containers(cfg)
     launch_dir = hydra_cfg.runtime.cwd
     resumption = None
+    if config.get("resume") == "":  # resume=$RUN with $RUN unset: not a fresh run
+        raise ValueError("resume= is empty; give a run id or a checkpoint file")
     if config.get("resume"):
         resumption, (backend, dataset, model, optimizer, digest), (uri, artifacts) = (
             _prepare_resumed(config, hydra_cfg, mlflow)

@@ -269,6 +269,7 @@ REFUSALS = [
     ("its own store", [], r"resume=\S+model\.npz \(run \w+\): the run FINISHED"),
     ("mismatch", [], r"resume: checkpoint '.*' does not match its run's config"),
     ("nothing", [], r"resume='0123' is neither a checkpoint file nor a run id"),
+    ("empty", [], r"resume= is empty; give a run id or a checkpoint file"),
 ]
 
 
@@ -297,6 +298,7 @@ def test_what_a_resume_refuses_is_one_line(store, target, overrides, message, tm
         "run": reference,
         "file": str(STORE["reference checkpoint"]),
         "nothing": "0123",
+        "empty": "",
         "mismatch": "mismatch",
         "its own store": str(STORE["reference checkpoint"]),
     }[target]
