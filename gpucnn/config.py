@@ -69,7 +69,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: DataName = DataName.digits
-    path: str | None = None  # idx: a directory; npz: a file
+    path: str | None = None  # idx, mnist...: a folder; npz: a file; cifar10: either
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     seed: int = 0
@@ -77,6 +77,11 @@ class DataConfig:
     noise: float = 0.3  # seed_20x20 only
     normalize: bool = True
     positive_class: int | None = None  # one-vs-rest labels for a binary (logistic) model
+    cache_dir: str | None = None  # mnist, fashion_mnist, cifar10: the download cache
+    url: str | None = None  # mnist, fashion_mnist, cifar10: base URL of the files
+    download: bool = True  # mnist, fashion_mnist, cifar10: download when not found
+    crop_padding: int = 0  # training batches: random crop of the image padded by this
+    flip: bool = False  # training batches: mirror half of them left-right
 
 
 @dataclass

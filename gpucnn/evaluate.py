@@ -98,7 +98,7 @@ def evaluate_checkpoint(
         hint = " (trained with data.val_fraction=0)" if split == "val" else ""
         others = " or ".join(name for name in SPLITS if name != split)
         raise ValueError(f"the run's {split} split has no images{hint}; choose --split {others}")
-    metrics = evaluate(model, x, y)
+    metrics = evaluate(model, x, y, data=dataset)
     return {
         "split": split,
         "images": len(y),

@@ -17,6 +17,7 @@ from typing import Any
 
 from gpucnn.array import threads
 from gpucnn.array.backend import Array, is_gpu, to_host
+from gpucnn.array.inputs import ByteImages
 from gpucnn.interrupts import raise_if_interrupted, stop_requested
 from gpucnn.nn.checkpoint import Progress, save_checkpoint
 from gpucnn.nn.losses import LogisticLogLikelihood
@@ -66,14 +67,24 @@ def evaluate(
     y: Any,
     batch_size: int = 512,
     split_batches: bool = True,
+    data: Any = None,
 ) -> dict[str, Any]:
     """Data loss (no L2 penalty), accuracy and confusion matrix over a whole split,
-    computed through a BatchSplit of a plain model unless ``split_batches`` is false."""
-    return _evaluate(*_model_and_runner(model, split_batches), x, y, batch_size)
+    computed through a BatchSplit of a plain model unless ``split_batches`` is false.
+    With ``data`` (the Dataset ``x`` comes from), stored byte images are scaled per
+    batch as its ``scaling`` says (never varied)."""
+    model, runner = _model_and_runner(model, split_batches)
+    inputs = batch_inputs(model, data) if data is not None else None
+    return _evaluate(model, runner, x, y, batch_size, inputs)
 
 
 def _evaluate(
-    model: Sequential, runner: Any, x: Any, y: Any, batch_size: int = 512
+    model: Sequential,
+    runner: Any,
+    x: Any,
+    y: Any,
+    batch_size: int = 512,
+    inputs: ByteImages | None = None,
 ) -> dict[str, Any]:
     xp = model.backend.xp
     n = len(y)
@@ -81,12 +92,13 @@ def _evaluate(
         return {"loss": float("nan"), "accuracy": float("nan"), "confusion": None}
     model.head.check_labels(to_host(y), model.output_shape)  # once, on the host
     labels = _labels_for(model, y)
-    x = model.backend.asarray(x, model.dtype)
+    x = model.backend.asarray(x, model.dtype) if inputs is None else model.backend.asarray(x)
     total = xp.zeros((), dtype=model.dtype)
     predictions = []
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        total += runner.loss(x[start:stop], labels[start:stop], penalty=False) * (stop - start)
+        batch = x[start:stop] if inputs is None else inputs(x[start:stop])
+        total += runner.loss(batch, labels[start:stop], penalty=False) * (stop - start)
         predictions.append(model.head.predict(runner.last_output))
     # The confusion matrix is counted where the predictions are; one K x K transfer.
     classes = max(int(model.output_shape[0]), 2)
@@ -185,7 +197,7 @@ def fit(
     model, runner = _model_and_runner(model, split_batches)
     tracker = tracker or Tracker()
     _check_labels_once(model, data)
-    train = _TrainingSplit(model, data)
+    train = _TrainingSplit(model, data, seed)
     rng = model.backend.random(seed)
     at = _starting_point(model, rng, resume, split_batches)
     step_losses = _StepLosses(tracker, log_every, model.backend.xp, at.step)
@@ -204,7 +216,7 @@ def fit(
             )
             at.seconds += time.perf_counter() - started
             if len(data.y_val):  # no validation split (val_fraction=0): no val metrics
-                val = _evaluate(model, runner, data.x_val, data.y_val)
+                val = _evaluate(model, runner, data.x_val, data.y_val, inputs=train.inputs)
                 epoch_metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
             for key, value in epoch_metrics.items():
                 at.history.setdefault(key, []).append(value)
@@ -223,7 +235,7 @@ def fit(
     result = TrainResult(history={k: list(at.history.get(k, [])) for k in metrics})
     result.steps = at.step
     result.images_per_second = train.size * epochs / max(at.seconds, 1e-9)
-    test = _evaluate(model, runner, data.x_test, data.y_test)
+    test = _evaluate(model, runner, data.x_test, data.y_test, inputs=train.inputs)
     result.confusion = test.pop("confusion")
     result.test = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
     speed = {"images_per_second": result.images_per_second}
@@ -314,13 +326,35 @@ def _check_labels_once(model: Sequential, data: Any) -> None:
             raise ValueError(f"{split} split: {err}") from None
 
 
-class _TrainingSplit:
-    """The training images and labels on the model's backend, moved and cast once."""
+def batch_inputs(model: Sequential, data: Any, seed: int = 0) -> ByteImages | None:
+    """What turns a stored batch of ``data`` into the model's input: None where the
+    stored arrays are the input already (cast once, when moved); else a
+    :class:`~gpucnn.array.inputs.ByteImages` (byte images scaled per batch, training
+    batches varied as ``data.augmentation`` says)."""
+    scaling = getattr(data, "scaling", None)
+    augmentation = getattr(data, "augmentation", None)
+    if scaling is None and not augmentation:
+        return None
+    channels = data.x_train.shape[1]
+    mean = scaling.mean if scaling is not None else (0.0,) * channels
+    std = scaling.std if scaling is not None else (1.0,) * channels
+    padding = augmentation.crop_padding if augmentation else 0
+    flip = bool(augmentation.flip) if augmentation else False
+    return ByteImages(model.backend.xp, model.dtype, mean, std, padding, flip, seed)
 
-    def __init__(self, model: Sequential, data: Any) -> None:
+
+class _TrainingSplit:
+    """The training images and labels on the model's backend, moved (and cast, unless
+    they are scaled per batch) once."""
+
+    def __init__(self, model: Sequential, data: Any, seed: int = 0) -> None:
         backend = model.backend
         self.size = len(data.y_train)
-        self.x = backend.asarray(data.x_train, model.dtype)
+        self.inputs = batch_inputs(model, data, seed)
+        if self.inputs is None:
+            self.x = backend.asarray(data.x_train, model.dtype)
+        else:
+            self.x = backend.asarray(data.x_train)
         self.labels = _labels_for(model, data.y_train)  # as the head takes them
         self.classes = backend.asarray(data.y_train).astype("int64")  # for accuracy
         self.dtype, self.xp, self.model = model.dtype, backend.xp, model
@@ -358,12 +392,13 @@ def _train_epoch(
             step_losses.tracker.flush()
             raise TrainingStopped(signal_number, at.step, saver.save(at))
         index = order[start : start + batch_size]
-        loss = runner.loss(train.x[index], train.labels[index])
+        x = train.x[index] if train.inputs is None else train.inputs(train.x[index], at.step)
+        loss = runner.loss(x, train.labels[index])
         if train.check_each_step and not math.isfinite(float(loss)):
             # On the host a loss costs nothing to read: stop before the update, and say
             # where the batch first went non-finite.
             step_losses.add(loss, check=False)
-            where = train.model.find_non_finite(train.x[index], train.labels[index])
+            where = train.model.find_non_finite(x, train.labels[index])
             raise _diverged(float(loss), at.step + 1, f"first non-finite: {where}")
         optimizer.step(runner.params, runner.backward())
         loss_sum += loss * len(index)

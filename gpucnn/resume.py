@@ -29,11 +29,14 @@ ALLOWED = (
     "trainer.kernels_every",
     "tracking.",
     "data.path",
+    "data.cache_dir",
+    "data.url",
+    "data.download",
     "backend",
 )
 ALLOWED_TEXT = (
     "trainer.epochs, trainer.checkpoint_every, trainer.log_every, trainer.kernels_every, "
-    "tracking.*, data.path, backend"
+    "tracking.*, data.path, data.cache_dir, data.url, data.download, backend"
 )
 GROUPS = ("model", "data", "optimizer", "trainer", "experiment", "tracking")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")

@@ -39,6 +39,7 @@ from gpucnn.config import (
     to_containers,
 )
 from gpucnn.data import DataError, Dataset, load_data
+from gpucnn.data.sources import DownloadStopped
 from gpucnn.fit import Checkpoints, DivergedError, TrainingStopped, check_trainer_settings, fit
 from gpucnn.interrupts import (
     deferred_interrupt,
@@ -379,6 +380,9 @@ def _log_inputs(
             "data.digest": digest,
         }
     )
+    tracker.log_dataset(
+        dataset.name, digest, dataset.source, {f"gpucnn.{k}_size": str(v) for k, v in sizes.items()}
+    )
     _write_config(tracker, config, output_dir)
 
 
@@ -436,6 +440,9 @@ def main(cfg: DictConfig) -> float:
     except USER_ERRORS as err:
         print(f"gpucnn.train: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except DownloadStopped as stop:
+        print(f"gpucnn.train: {stop}; nothing was kept or logged", file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signal_number)
     except TrainingStopped as stop:
         run_id, hint = getattr(stop, "run_id", None), getattr(stop, "hint", "")
         if run_id is None:

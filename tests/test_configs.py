@@ -17,10 +17,12 @@ from omegaconf.errors import ValidationError  # noqa: E402
 from gpucnn.array.backend import BACKEND_NAMES, DTYPES  # noqa: E402
 from gpucnn.config import build_layer, build_optimizer, to_containers  # noqa: E402
 from gpucnn.data import DATASETS, write_idx  # noqa: E402
+from gpucnn.data.sources import SOURCES  # noqa: E402
 from gpucnn.nn.layers import LAYER_TYPES  # noqa: E402
 from gpucnn.nn.losses import HEAD_TYPES  # noqa: E402
 from gpucnn.nn.optim import OPTIMIZER_TYPES  # noqa: E402
 from gpucnn.train import CONF_DIR, prepare  # noqa: E402
+from tests.published_data import write_cifar, write_mnist  # noqa: E402
 
 CONF = Path(CONF_DIR)
 
@@ -40,7 +42,18 @@ def data_files(tmp_path_factory):
         write_idx(root / f"{prefix}-images-idx3-ubyte", images[:n])
         write_idx(root / f"{prefix}-labels-idx1-ubyte", labels[:n])
     np.savez(root / "data.npz", x=images.astype(np.float32), y=labels.astype(np.int64))
+    write_mnist(root / "mnist", n_train=60, n_test=20)
+    write_cifar(root / "cifar-10-binary.tar.gz", n_per_batch=12, n_test=12)
     return root
+
+
+def published_path(data: str, root: Path) -> list[str]:
+    """data.path for MNIST and CIFAR-10, to files made here in their formats.
+    Fashion-MNIST's content is pinned: only its real files (Debian's package) will do."""
+    if data == "fashion_mnist" and not Path(SOURCES[data].system_dir).is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (CI installs it)")
+    paths = {"mnist": root / "mnist", "cifar10": root}
+    return [f"data.path={paths[data]}"] if data in paths else []
 
 
 def composed(overrides):
@@ -54,12 +67,22 @@ MODEL_DATA = {
     "seed_20x20": ["data=seed_20x20"],
     "small_cnn": ["data=digits"],
     "lenet": ["data=idx"],
+    "fashion_cnn": ["data=idx"],
+    "vgg_small": ["data=cifar10"],
 }
 
 
 def test_every_option_is_covered():
     assert set(options("model")) == set(MODEL_DATA)
-    assert set(options("data")) == {"seed_20x20", "digits", "idx", "npz"}
+    assert set(options("data")) == {
+        "seed_20x20",
+        "digits",
+        "idx",
+        "npz",
+        "mnist",
+        "fashion_mnist",
+        "cifar10",
+    }
     assert set(options("optimizer")) == {"ascent", "momentum", "adam"}
     assert set(options("experiment")) >= {"seed_20x20", "digits"}
 
@@ -70,10 +93,11 @@ def test_model_and_optimizer_configs_build(model, optimizer, data_files):
     overrides = [f"model={model}", f"optimizer={optimizer}", "backend=numpy", *MODEL_DATA[model]]
     if "data=idx" in overrides:
         overrides.append(f"data.path={data_files}")
+    overrides += published_path(MODEL_DATA[model][0].split("=")[1], data_files)
     backend, dataset, built, opt = prepare(to_containers(composed(overrides)))
     assert built.input_shape == dataset.input_shape
     assert opt.type == optimizer
-    out = built.forward(dataset.x_train[:3])
+    out = built.forward(dataset.x_train[:3].astype(np.float32))
     assert out.shape[0] == 3
 
 
@@ -82,15 +106,20 @@ def test_data_configs_build(data, data_files):
     path = {"idx": [f"data.path={data_files}"], "npz": [f"data.path={data_files / 'data.npz'}"]}
     model = "seed_20x20" if data == "seed_20x20" else "small_cnn"
     overrides = [f"data={data}", "backend=numpy", *path.get(data, [])]
-    if data in ("idx", "npz"):
+    overrides += published_path(data, data_files)
+    if data in ("idx", "npz", "mnist", "fashion_mnist"):
         model = "lenet"
+    if data == "cifar10":
+        model = "vgg_small"
     _, dataset, _, _ = prepare(to_containers(composed([f"model={model}", *overrides])))
     assert len(dataset.y_train) > 0 and len(dataset.y_test) > 0
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_experiments_build(experiment):
-    cfg = to_containers(composed([f"experiment={experiment}", "backend=numpy"]))
+def test_experiments_build(experiment, data_files):
+    data = experiment if experiment in ("mnist", "fashion_mnist", "cifar10") else ""
+    paths = published_path(data, data_files)
+    cfg = to_containers(composed([f"experiment={experiment}", "backend=numpy", *paths]))
     prepare(cfg)
     if experiment == "seed_20x20":  # the lecture's run: 1000 iterations, eta 0.1, L2 0.1
         assert cfg["optimizer"] == {**cfg["optimizer"], "name": "ascent", "lr": 0.1}

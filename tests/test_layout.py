@@ -22,7 +22,7 @@ PACKAGE = ROOT / "gpucnn"
 MAY_IMPORT = {
     "array": set(),
     "nn": {"array"},
-    "data": set(),  # host NumPy arrays: no backend, no model
+    "data": {"interrupts"},  # host NumPy arrays: no backend, no model; a download stops
     "parallel": {"array", "nn"},
     "interrupts": set(),
     "tracking": {"tracking.tracker"},  # tracking/__init__.py: the interface's names

@@ -2,22 +2,45 @@
 
 - ``seed_20x20``: the lecture's two artificial 20x20 classes (:mod:`gpucnn.data.builtin`).
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (no download).
+- ``mnist``, ``fashion_mnist``: the published gzip IDX files; ``cifar10``: its binary
+  version (``cifar-10-binary.tar.gz``), never its pickled one. Found or downloaded as
+  :mod:`gpucnn.data.sources` says, checked, kept as bytes.
 - ``idx``: MNIST-format IDX files in the directory ``path``.
 - ``npz``: arrays in the ``.npz`` file ``path``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import numbers
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gpucnn.data.builtin import make_seed_20x20
-from gpucnn.data.dataset import DataError, Dataset, as_labels, build_dataset, split_off_test
-from gpucnn.data.formats import load_idx_dir, load_npz
+from gpucnn.data.dataset import (
+    Augmentation,
+    DataError,
+    Dataset,
+    as_labels,
+    build_byte_dataset,
+    build_dataset,
+    split_off_test,
+)
+from gpucnn.data.formats import (
+    cifar10_archive,
+    file_md5,
+    has_mnist_files,
+    load_idx_dir,
+    load_npz,
+    read_cifar10_binary,
+    read_mnist_family,
+)
+from gpucnn.data.sources import SOURCES, Found, Source, locate
 
 
 @dataclass(frozen=True)
@@ -31,6 +54,109 @@ class DataOptions:
     n_per_class: int = 50  # seed_20x20 only
     noise: float = 0.3  # seed_20x20 only
     normalize: bool = True
+    cache_dir: str | None = None  # published datasets: where downloads are kept
+    url: str | None = None  # published datasets: the base URL to download from
+    download: bool = True  # published datasets: download when not found
+    crop_padding: int = 0  # training batches: random crops of the image padded so
+    flip: bool = False  # training batches: flip half of them left-right
+
+
+CLASS_NAMES = {
+    "mnist": tuple(str(d) for d in range(10)),
+    "fashion_mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
+    "cifar10": (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ),
+}
+
+
+def _published(name: str, options: DataOptions) -> Dataset:
+    """MNIST, Fashion-MNIST or CIFAR-10 from their published files, found or downloaded
+    (:func:`gpucnn.data.sources.locate`) and checked (:func:`_check_files`)."""
+    source = SOURCES[name]
+    if name == "cifar10":
+
+        def has_files(folder: Path) -> bool:
+            return (folder / source.files[0].name).is_file()
+
+    else:
+        has_files = has_mnist_files
+    found = locate(
+        source, has_files, options.path, options.cache_dir, options.url, options.download
+    )
+    if name == "cifar10":
+        arrays, files = read_cifar10_binary(found.location)
+    else:
+        if not found.location.is_dir():
+            raise DataError(f"data.path {str(found.location)!r} is not a folder of IDX files")
+        arrays, files = read_mnist_family(found.location)
+    _check_files(source, files, found)
+    dataset = build_byte_dataset(
+        name, arrays, options.val_fraction, options.seed + 1, options.normalize
+    )
+    del arrays
+    summary = "".join(f"{n}:{digest}\n" for n, (_, digest) in sorted(files.items()))
+    dataset.content_digest = hashlib.sha256(summary.encode()).hexdigest()
+    dataset.source = found.url or str(found.location)
+    dataset.class_names = CLASS_NAMES[name]
+    return dataset
+
+
+def _check_files(source: Source, files: dict[str, tuple[Path, str]], found: Found) -> None:
+    """Each file against what is pinned for it: its content's SHA-256 where gpucnn pins
+    one (a mismatch is an error), else the published archive's MD5 (files that are not
+    the published archives are read for their format only, and that is said once)."""
+    published = {f.name: f for f in source.files}
+    unchecked = []
+    md5s: dict[Path, str] = {}  # CIFAR-10's six batches share one archive: one MD5
+    for name, (path, content) in files.items():
+        spec = published.get(name) or published.get(f"{name}.gz")
+        if spec is not None and spec.content_sha256 is not None:
+            if content != spec.content_sha256:
+                raise DataError(
+                    f"{str(path)!r} is not {source.name}'s {spec.name}: the SHA-256 of its "
+                    f"content is {content}, expected {spec.content_sha256}"
+                )
+            continue
+        archive = cifar10_archive(path) if source.name == "cifar10" else path
+        spec = published.get(archive.name) if archive is not None else None
+        if spec is None or not archive.is_file():
+            unchecked.append(str(archive or path))
+            continue
+        if archive not in md5s:
+            md5s[archive] = file_md5(archive)
+        if md5s[archive] != spec.md5:
+            unchecked.append(str(archive))
+    if unchecked and found.how != "download":
+        names = sorted({Path(u).name for u in unchecked})
+        folders = sorted({str(Path(u).parent) for u in unchecked})
+        print(
+            f"gpucnn: {source.name}: {', '.join(names)} in {', '.join(folders)} "
+            f"{'is' if len(names) == 1 else 'are'} not the published archive (its MD5 "
+            "differs) and gpucnn pins no digest of the content: only the format was checked",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _seed_20x20(name: str, options: DataOptions) -> Dataset:
@@ -109,6 +235,9 @@ LOADERS: dict[str, Callable[[str, DataOptions], Dataset]] = {
     "digits": _digits,
     "idx": _from_files,
     "npz": _from_files,
+    "mnist": _published,
+    "fashion_mnist": _published,
+    "cifar10": _published,
 }
 DATASETS = tuple(LOADERS)
 
@@ -122,12 +251,33 @@ def load_dataset(
     n_per_class: int = 50,
     noise: float = 0.3,
     normalize: bool = True,
+    cache_dir: str | None = None,
+    url: str | None = None,
+    download: bool = True,
+    crop_padding: int = 0,
+    flip: bool = False,
 ) -> Dataset:
     """Load dataset ``name`` (one of DATASETS) with seeded, stratified splits; the
     settings are :class:`DataOptions`'s."""
     if name not in LOADERS:
         raise DataError(f"dataset {name!r} is not known; allowed: {', '.join(DATASETS)}")
-    options = DataOptions(path, val_fraction, test_fraction, seed, n_per_class, noise, normalize)
+    options = DataOptions(
+        path,
+        val_fraction,
+        test_fraction,
+        seed,
+        n_per_class,
+        noise,
+        normalize,
+        cache_dir,
+        url,
+        download,
+        crop_padding,
+        flip,
+    )
+    padding = options.crop_padding
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise DataError(f"data.crop_padding must be an int >= 0, got {padding!r}")
     for what in ("val_fraction", "test_fraction"):
         value = getattr(options, what)
         if not 0 <= value < 1:
@@ -135,7 +285,11 @@ def load_dataset(
     seed = options.seed
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise DataError(f"data.seed must be an int >= 0, got {seed!r}")
-    return LOADERS[name](name, replace(options, seed=int(seed)))
+    dataset = LOADERS[name](name, replace(options, seed=int(seed)))
+    if padding and min(dataset.input_shape[1:]) <= 0:
+        raise DataError(f"data.crop_padding={padding} needs images, got {dataset.input_shape}")
+    dataset.augmentation = Augmentation(padding, bool(options.flip))
+    return dataset
 
 
 def load_data(data_cfg: dict[str, Any]) -> Dataset:

@@ -366,6 +366,35 @@ class MlflowTracker(Tracker):
         where = f"checkpoint/{Path(path).name} after epoch {epoch}, step {step}"
         self.client.set_tag(self.run_id, CHECKPOINT_TAG, where)
 
+    @_holding_ctrl_c
+    def log_dataset(self, name: str, sha256: str, source: str | None, tags: dict[str, str]) -> None:
+        """The run's data as an MLflow dataset input (the UI's Datasets column): its name,
+        digest (the first 32 hex digits of its SHA-256; MLflow keeps at most 36
+        characters, the whole one is the input tag gpucnn.sha256) and source (the URL it
+        was downloaded from, the folder or archive it was read from, or, for a dataset
+        made in code, a code source naming it)."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource  # noqa: PLC0415
+        from mlflow.data.http_dataset_source import HTTPDatasetSource  # noqa: PLC0415
+        from mlflow.data.meta_dataset import MetaDataset  # noqa: PLC0415
+
+        if source is None:
+            where: Any = CodeDatasetSource({"gpucnn.dataset": name})
+        elif source.startswith(("http://", "https://")):
+            where = HTTPDatasetSource(source)
+        else:
+            from mlflow.data.dataset_source_registry import (  # noqa: PLC0415
+                resolve_dataset_source,
+            )
+
+            where = resolve_dataset_source(Path(source).absolute().as_uri())
+        import mlflow  # noqa: PLC0415
+
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self.run_id:
+            raise RuntimeError(f"log_dataset needs run {self.run_id} to be the active run")
+        dataset = MetaDataset(where, name=name, digest=sha256[:32])
+        mlflow.log_input(dataset, context="training", tags={"gpucnn.sha256": sha256, **tags})
+
 
 def _running_runs_of(client: Any, host: str) -> list[Any]:
     """Every RUNNING run tagged with ``host``, in every experiment (page by page)."""
