@@ -202,3 +202,52 @@ def test_a_stop_that_meets_spoilt_parameters_names_the_checkpoint_once(digits, t
     assert message.startswith("the parameters are not finite after step 30: conv1.weight")
     assert message.count("last good checkpoint") == 1
     assert message.endswith(f"the last good checkpoint is {path} (step 21)")
+
+
+@pytest.fixture(scope="module")
+def byte_digits(digits):
+    """The digits as byte images (0..255), scaled per batch, with random crops and flips:
+    the path the real datasets take."""
+    from gpucnn.data.dataset import Augmentation, build_byte_dataset
+
+    def as_bytes(x):
+        return np.round((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8)
+
+    arrays = {
+        "x_train": as_bytes(np.concatenate([digits.x_train, digits.x_val])),
+        "y_train": np.concatenate([digits.y_train, digits.y_val]),
+        "x_test": as_bytes(digits.x_test),
+        "y_test": digits.y_test,
+    }
+    data = build_byte_dataset("digit_bytes", arrays, val_fraction=0.1, seed=1)
+    data.augmentation = Augmentation(crop_padding=1, flip=True)
+    return data
+
+
+@pytest.mark.parametrize("stop_at", [7, 30])
+def test_a_run_on_varied_byte_images_resumes_bit_for_bit(byte_digits, stop_at, tmp_path):
+    assert byte_digits.x_train.dtype == np.uint8
+    with threads.configured(batch_slices=1):
+        whole = Recorder()
+        model = build(byte_digits, "float64")
+        train(byte_digits, model, Adam(3e-3), whole, tmp_path / "whole.npz")
+        stopped = Recorder(stop_at=stop_at)
+        path = tmp_path / "stopped.npz"
+        with stop_on_signals(), pytest.raises(TrainingStopped):
+            train(byte_digits, build(byte_digits, "float64"), Adam(3e-3), stopped, path)
+        checkpoint = read_checkpoint(path)
+        resumed_model, resumed_optimizer = load_checkpoint(path)
+        resumed = Recorder()
+        train(byte_digits, resumed_model, resumed_optimizer, resumed, path, checkpoint.progress)
+    for key, value in model.params.items():
+        assert np.array_equal(resumed_model.params[key], value), key
+    assert {**stopped.steps, **resumed.steps} == whole.steps
+    # The crops and flips made a difference: without them the run is another run.
+    plain = Recorder()
+    byte_digits.augmentation, kept = type(byte_digits.augmentation)(), byte_digits.augmentation
+    try:
+        with threads.configured(batch_slices=1):
+            train(byte_digits, build(byte_digits, "float64"), Adam(3e-3), plain, tmp_path / "p.npz")
+    finally:
+        byte_digits.augmentation = kept
+    assert plain.steps[stop_at + 1] != whole.steps[stop_at + 1]
