@@ -38,12 +38,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import lenet_layers  # noqa: E402
 
+from gpucnn import Adam, Sequential, SoftmaxCrossEntropy  # noqa: E402
 from gpucnn.array import threads  # noqa: E402
 from gpucnn.array.backend import get_backend  # noqa: E402
 from gpucnn.data import load_dataset  # noqa: E402
 from gpucnn.fit import fit  # noqa: E402
-from gpucnn.nn import Adam, SoftmaxCrossEntropy  # noqa: E402
-from gpucnn.nn.model import Sequential  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +118,7 @@ def epoch_part(rounds: int) -> dict:
             times[name].append(seconds)
             accuracy[name].append(acc)
     return {
-        "threads": threads.settings().threads,
+        "threads": threads.settings().cpus,
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "train_images": len(data.y_train),
@@ -199,7 +198,7 @@ def table(report: dict) -> str:
         g, t = (np.median(epoch["times"][k]) for k in ("gpucnn", "torch"))
         lines += [
             f"Fashion-MNIST epoch, LeNet, batch 64, float32, {epoch['train_images']} images, "
-            f"{epoch['rounds']} rounds (median); gpucnn {epoch['threads']} threads, torch "
+            f"{epoch['rounds']} rounds (median); gpucnn on {epoch['threads']} cores, torch "
             f"{epoch['torch_version']} {epoch['torch_threads']} threads",
             "",
             "| engine | epoch s (median) | all rounds | test accuracy after the epoch |",

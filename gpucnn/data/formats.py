@@ -261,18 +261,20 @@ def read_cifar10_binary(
         )
     try:
         if where.is_dir():
-            blobs = {n: (where / n).read_bytes() for n in CIFAR10_TRAIN + CIFAR10_TEST}
-            return _cifar_arrays(blobs, where)
+            sizes = {n: (where / n).stat().st_size for n in CIFAR10_TRAIN + CIFAR10_TEST}
+            return _cifar_arrays(sizes, lambda name: (where / name).read_bytes(), where)
         with tarfile.open(where, "r:gz") as archive:
             members = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
             missing = [n for n in CIFAR10_TRAIN + CIFAR10_TEST if n not in members]
             if missing:
                 raise DataError(f"archive {str(where)!r} has no {', '.join(missing)}")
-            blobs = {}
-            for name in CIFAR10_TRAIN + CIFAR10_TEST:
+
+            def read(name: str) -> bytes:
                 handle = archive.extractfile(members[name])
-                blobs[name] = handle.read() if handle is not None else b""
-            return _cifar_arrays(blobs, where)
+                return handle.read() if handle is not None else b""
+
+            sizes = {n: members[n].size for n in CIFAR10_TRAIN + CIFAR10_TEST}
+            return _cifar_arrays(sizes, read, where)
     except FileNotFoundError as err:
         raise DataError(f"CIFAR-10 file {err.filename!r} does not exist") from None
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
@@ -280,28 +282,36 @@ def read_cifar10_binary(
 
 
 def _cifar_arrays(
-    blobs: dict[str, bytes], where: Path
+    sizes: dict[str, int], read: Any, where: Path
 ) -> tuple[dict[str, np.ndarray], dict[str, tuple[Path, str]]]:
-    """Arrays from the batch files' bytes (freed one by one as they are copied)."""
-    for name, blob in blobs.items():
-        if len(blob) == 0 or len(blob) % _CIFAR_RECORD:
+    """Arrays from the batch files (``sizes``: their lengths; ``read(name)``: their
+    bytes), filled one file at a time: the set is held once, plus one file."""
+    for name, size in sizes.items():
+        if size == 0 or size % _CIFAR_RECORD:
             raise DataError(
-                f"CIFAR-10 file {name} in {str(where)!r} is corrupt: {len(blob)} bytes is not "
+                f"CIFAR-10 file {name} in {str(where)!r} is corrupt: {size} bytes is not "
                 f"a whole number of {_CIFAR_RECORD}-byte records"
             )
-    files = {name: (where, hashlib.sha256(blob).hexdigest()) for name, blob in blobs.items()}
-    arrays = {}
+    files, arrays = {}, {}
     for split, names in (("train", CIFAR10_TRAIN), ("test", CIFAR10_TEST)):
-        count = sum(len(blobs[n]) // _CIFAR_RECORD for n in names)
+        count = sum(sizes[n] // _CIFAR_RECORD for n in names)
         images = np.empty((count, 3, 32, 32), np.uint8)
         labels = np.empty(count, np.uint8)
         at = 0
         for name in names:
-            records = np.frombuffer(blobs.pop(name), np.uint8).reshape(-1, _CIFAR_RECORD)
+            blob = read(name)
+            if len(blob) != sizes[name]:
+                raise DataError(
+                    f"CIFAR-10 file {name} in {str(where)!r} is truncated: {len(blob)} of "
+                    f"{sizes[name]} bytes"
+                )
+            files[name] = (where, hashlib.sha256(blob).hexdigest())
+            records = np.frombuffer(blob, np.uint8).reshape(-1, _CIFAR_RECORD)
             n = len(records)
             labels[at : at + n] = records[:, 0]
             images[at : at + n] = records[:, 1:].reshape(n, 3, 32, 32)
             at += n
+            del blob, records
         if labels.size and int(labels.max()) > 9:
             raise DataError(
                 f"CIFAR-10 {split} files in {str(where)!r} have label {int(labels.max())}; "
