@@ -82,30 +82,42 @@ def test_one_real_fashion_mnist_epoch_is_tracked_with_its_data(tmp_path):
 @needs_fashion_package
 def test_a_resumed_run_accepts_the_same_data_found_elsewhere(tmp_path):
     """The identity is the content: a re-compressed copy elsewhere is the same data; a
-    changed file is not."""
-    env = isolated(tmp_path)
-    first = train(
-        tmp_path,
-        "experiment=fashion_mnist",
-        "trainer.epochs=1",
-        "backend=numpy",
-        "model=lenet",
+    copy with one label changed is not."""
+    env = {**os.environ, **isolated(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpucnn.train", "experiment=fashion_mnist", "model=lenet"]
+        + ["trainer.epochs=3", "backend=numpy"],
+        cwd=tmp_path,
         env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert first.returncode == 0, first.stderr[-3000:]
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "runs" / "hydra").glob("**/model.npz")):  # epoch 1 is done
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
     client = client_for(tmp_path)
     (run,) = all_runs(client)
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for spec in data_sources.SOURCES["fashion_mnist"].files:  # other gzip bytes, same content
-        raw = gzip.decompress((FASHION_SYSTEM / spec.name).read_bytes())
-        (copy / spec.name).write_bytes(gzip.compress(raw, compresslevel=1))
+    assert run.info.status == "KILLED"
+    copy, changed = tmp_path / "copy", tmp_path / "changed"
+    for folder in (copy, changed):
+        folder.mkdir()
+        for spec in data_sources.SOURCES["fashion_mnist"].files:  # other gzip bytes
+            raw = gzip.decompress((FASHION_SYSTEM / spec.name).read_bytes())
+            if folder == changed and spec.name.startswith("t10k-labels"):
+                raw = raw[:-1] + bytes([(raw[-1] + 1) % 10])
+            (folder / spec.name).write_bytes(gzip.compress(raw, compresslevel=1))
     assert file_md5(copy / spec.name) != file_md5(FASHION_SYSTEM / spec.name)
-    resumed = train(
-        tmp_path, f"resume={run.info.run_id}", "trainer.epochs=2", f"data.path={copy}", env=env
-    )
+    refused = train(tmp_path, f"resume={run.info.run_id}", f"data.path={changed}", env=env)
+    assert refused.returncode == 2 and "is not fashion_mnist's" in refused.stderr
+    resumed = train(tmp_path, f"resume={run.info.run_id}", f"data.path={copy}", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 3
 
 
 def test_the_mnist_preset_trains_on_files_in_the_published_format(tmp_path):
