@@ -256,7 +256,8 @@ REFUSALS = [
         "file",
         ["optimizer.lr=0.5"],
         r"resume: optimizer\.lr cannot change when a run goes on \(the run has 0\.001, the "
-        r"override gives 0\.5\); allowed: trainer\.epochs, .*tracking\.\*, data\.path, data\.cache_dir, data\.url, data\.download, backend",
+        r"override gives 0\.5\); allowed: trainer\.epochs, .*tracking\.\*, data\.path, "
+        r"data\.cache_dir, data\.url, data\.download, backend",
     ),
     ("file", ["model=lenet"], r"resume: 'model=lenet' cannot be given: a resumed run keeps"),
     (
