@@ -28,10 +28,13 @@ from gpucnn.array.backend import to_host  # noqa: E402
 from gpucnn.array.threads import settings  # noqa: E402
 
 
-def torch_forward(model, x, params):
-    """The same network written with torch ops, from gpucnn's own layer settings."""
+def torch_forward(model, x, params, outputs=None):
+    """The same network written with torch ops, from gpucnn's own layer settings; each
+    layer's output is appended to ``outputs`` when a list is given."""
     h = x
     for layer in model.layers:
+        if outputs is not None and h is not x:
+            outputs.append(h)
         if layer.type == "conv":
             w = params[f"{layer.name}.weight"]
             if layer.mode == "convolution":
@@ -62,6 +65,8 @@ def torch_forward(model, x, params):
                 h = h + params[f"{layer.name}.bias"]
         else:
             h = {"relu": torch.relu, "tanh": torch.tanh, "logistic": torch.sigmoid}[layer.type](h)
+    if outputs is not None:
+        outputs.append(h)
     return h
 
 
@@ -140,3 +145,52 @@ def test_values_and_gradients_match_pytorch(name, backend, rng):
         np.testing.assert_allclose(
             grads[key], value.grad.numpy(), rtol=1e-8, atol=1e-10, err_msg=key
         )
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_layer_outputs_and_saliency_match_pytorch(name, backend, rng):
+    """What a learner is shown: every layer's output, in the order the layers are
+    written (a ReLU before a max pool included, which training runs after the pool), and
+    the loss's gradient with respect to the input and to every layer's output."""
+    layers, head, shape = NETS[name]
+    model = Sequential(layers(), head(), shape, backend=backend, dtype="float64", seed=4, l2=0.05)
+    n = 3
+    x = rng.standard_normal((n, *shape))
+    if head is LogisticLogLikelihood:
+        labels = rng.integers(0, 2, n).astype(float)
+    else:
+        labels = rng.integers(0, model.output_shape[0], n)
+    outputs = model.layer_outputs(x)
+    gradients = model.saliency(x, labels)
+    assert list(outputs) == [layer.name for layer in model.layers]
+    assert list(gradients) == ["input", *outputs]
+
+    params = {k: torch.tensor(to_host(v)) for k, v in model.params.items()}
+    x_torch = torch.tensor(x, requires_grad=True)
+    reference_outputs = []
+    out = torch_forward(model, x_torch, params, reference_outputs)
+    for h in reference_outputs:
+        h.retain_grad()
+    if head is LogisticLogLikelihood:
+        loss = F.binary_cross_entropy_with_logits(out.reshape(-1), torch.tensor(labels))
+    else:
+        loss = F.cross_entropy(out, torch.tensor(labels))  # the data loss: no L2
+    loss.backward()
+    np.testing.assert_allclose(
+        to_host(gradients["input"]), x_torch.grad.numpy(), rtol=1e-8, atol=1e-12
+    )
+    for layer, reference in zip(model.layers, reference_outputs, strict=True):
+        got = to_host(outputs[layer.name])
+        assert got.shape == tuple(reference.shape), layer.name
+        np.testing.assert_allclose(got, reference.detach().numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            to_host(gradients[layer.name]),
+            reference.grad.numpy(),
+            rtol=1e-8,
+            atol=1e-12,
+            err_msg=layer.name,
+        )
+    # The last output is what the model's own (reordered) forward pass returns.
+    np.testing.assert_allclose(
+        to_host(outputs[model.layers[-1].name]), to_host(model.forward(x)), rtol=1e-12
+    )

@@ -30,7 +30,7 @@ from gpucnn.array.backend import (
     resolve_dtype,
     to_host,
 )
-from gpucnn.array.im2col import nchw_to_internal
+from gpucnn.array.im2col import internal_to_nchw, nchw_to_internal
 from gpucnn.nn.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from gpucnn.nn.layers import Layer, layer_from_config
 from gpucnn.nn.losses import Head, head_from_config
@@ -229,6 +229,45 @@ class Sequential:
         self._loss_ready = False
         return grads
 
+    # -- looking inside -------------------------------------------------------------
+    # Not on the training step's path: these run the layers in the order they are
+    # written (never the reordered execution plan), so what a learner sees of each layer
+    # is what the layer list says, and they overwrite the layers' caches and gradients.
+    def layer_outputs(self, x: Any) -> dict[str, Array]:
+        """Every layer's output for batch ``x``, by layer name, in the order the layers
+        are written, on the public layout: (N, C, H, W) for images, (N, D) for vectors.
+        The last one is the head's input (what :meth:`forward` returns)."""
+        h = self._internal(self.prepare_input(x))
+        outputs = {}
+        for layer in self.layers:
+            h = layer._forward(h)
+            outputs[layer.name] = _public(h)
+        self._loss_ready = False
+        return outputs
+
+    def saliency(self, x: Any, labels: Any) -> dict[str, Array]:
+        """The gradient of the batch's mean data loss (no L2 penalty) with respect to
+        the input (key ``"input"``) and to every layer's output (by layer name), on the
+        public layout, in the order the layers are written. For one image and its true
+        class, ``"input"`` is its saliency map: how each pixel moves the loss."""
+        x = self.prepare_input(x)
+        labels = self.prepare_labels(labels, x.shape[0])
+        h = self._internal(x)
+        for layer in self.layers:
+            h = layer._forward(h)
+        self.head.forward(h, labels)
+        grad = self.head.backward()
+        gradients = {}
+        for layer in reversed(self.layers):
+            gradients[layer.name] = _public(grad)
+            grad = layer._backward(grad, need_input_grad=True)
+        self._loss_ready = False
+        return {"input": _public(grad), **dict(reversed(gradients.items()))}
+
+    @staticmethod
+    def _internal(x: Array) -> Array:
+        return nchw_to_internal(x) if x.ndim == 4 else x
+
     def find_non_finite(self, x: Any, labels: Any) -> str:
         """Where a batch first turns NaN or infinite in this model, in words: a parameter,
         the input, a layer's output, the loss, or a gradient on the way back. For the
@@ -325,6 +364,11 @@ class Sequential:
     def save(self, path: str | os.PathLike, optimizer: Optimizer | None = None) -> Path:
         """Write a checkpoint (see :mod:`gpucnn.nn.checkpoint`); returns its path."""
         return save_checkpoint(path, self, optimizer)
+
+
+def _public(h: Array) -> Array:
+    """An internal activation on the public layout: (C, H, W, N) -> (N, C, H, W)."""
+    return internal_to_nchw(h) if h.ndim == 4 else h
 
 
 def plan_execution(layers: list[Layer]) -> list[int]:
