@@ -245,7 +245,7 @@ def _resumed_model(
     """The model and optimizer of the checkpoint, after checking that they are the ones
     its config builds and that the data is the run's."""
     model, optimizer = load_checkpoint(resumption.checkpoint, backend)
-    if model.config() != built.config():
+    if _as_configured(model.config()) != built.config():
         raise ValueError(
             f"resume: checkpoint {str(resumption.checkpoint)!r} does not match its run's "
             "config (its architecture differs from the model the config builds)"
@@ -259,6 +259,16 @@ def _resumed_model(
             f"used {str(recorded)[:16]}...); point data.path at the run's data"
         )
     return model, optimizer
+
+
+def _as_configured(architecture: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's architecture as its run's config writes it: a format-1 checkpoint
+    loads its Flatten "F" as "F_channels_first" (what "F" meant then), from config "F"."""
+    layers = [
+        {**layer, "order": "F"} if layer.get("order") == "F_channels_first" else layer
+        for layer in architecture["layers"]
+    ]
+    return {**architecture, "layers": layers}
 
 
 def _report_dead_runs(config: dict[str, Any]) -> None:

@@ -233,8 +233,19 @@ def test_flatten_orders(backend, rng):
     out_f = to_host(col.forward(backend.asarray(x)))
     out_c = to_host(row.forward(backend.asarray(x)))
     for n in range(2):
-        np.testing.assert_array_equal(out_f[n], x[n].flatten(order="F"))
+        # MATLAB's Z(:) of the H x W x P stack of maps: NumPy's order="F" on (H, W, P).
+        stack = x[n].transpose(1, 2, 0)
+        np.testing.assert_array_equal(out_f[n], stack.flatten(order="F"))
         np.testing.assert_array_equal(out_c[n], x[n].flatten(order="C"))
+    # Two 2x2 maps, written out: map 1 column by column, then map 2 column by column.
+    maps = np.array([[[[1.0, 3.0], [2.0, 4.0]], [[5.0, 7.0], [6.0, 8.0]]]])
+    two = built(Flatten("F"), (2, 2, 2), backend)
+    np.testing.assert_array_equal(to_host(two.forward(backend.asarray(maps)))[0], range(1, 9))
+    old = built(Flatten("F_channels_first"), (3, 4, 5), backend)
+    out_old = to_host(old.forward(backend.asarray(x)))
+    for n in range(2):  # what "F" meant before checkpoint format 2
+        np.testing.assert_array_equal(out_old[n], x[n].flatten(order="F"))
+    check_layer_gradients(old, x, backend, rng)
     # One channel: column-major reads the map column after column (the lecture's h).
     z = np.array([[[[1110.0, 1245.0], [2190.0, 2325.0]]]])
     one = built(Flatten(), (1, 2, 2), backend)

@@ -515,3 +515,35 @@ def test_model_moves_between_backends(backend):
     model.to(backend).to(get_backend("numpy"))
     for key in before:
         np.testing.assert_array_equal(model.params[key], before[key])
+
+
+def test_flatten_f_keeps_the_order_its_checkpoint_was_trained_with(tmp_path, rng):
+    """Format 2 made "F" MATLAB's order; a format-1 file's "F" (channels fastest) loads
+    as F_channels_first, so its outputs do not change. With one channel both agree."""
+    layers = [Conv2D(3, 2), Flatten("F"), Dense(4)]
+    model = Sequential(layers, SoftmaxCrossEntropy(), (2, 5, 5), dtype="float64", seed=1)
+    x = rng.standard_normal((3, 2, 5, 5))
+    path = model.save(tmp_path / "v2.npz")
+    assert load_checkpoint(path)[0].layer("flatten1").order == "F"
+    with np.load(path) as data:  # the same parameters, labelled format 1
+        entries = {k: data[k] for k in data.files}
+    entries["format"] = np.array("gpucnn-checkpoint-v1")
+    np.savez(tmp_path / "v1.npz", **entries)
+    old, _ = load_checkpoint(tmp_path / "v1.npz")
+    assert old.layer("flatten1").order == "F_channels_first"
+    legacy = Sequential(
+        [Conv2D(3, 2), Flatten("F_channels_first"), Dense(4)],
+        SoftmaxCrossEntropy(),
+        (2, 5, 5),
+        dtype="float64",
+        seed=1,
+    )
+    np.testing.assert_array_equal(old.forward(x), legacy.forward(x))
+    assert not np.allclose(old.forward(x), model.forward(x))
+    one = Sequential([Flatten("F"), Dense(2)], SoftmaxCrossEntropy(), (1, 3, 3), seed=2)
+    one.save(tmp_path / "one.npz")
+    with np.load(tmp_path / "one.npz") as data:
+        entries = {k: data[k] for k in data.files}
+    entries["format"] = np.array("gpucnn-checkpoint-v1")
+    np.savez(tmp_path / "one_v1.npz", **entries)
+    assert load_checkpoint(tmp_path / "one_v1.npz")[0].layer("flatten1").order == "F"

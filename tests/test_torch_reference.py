@@ -53,12 +53,10 @@ def torch_forward(model, x, params, outputs=None):
                     * (layer.window[0] * layer.window[1])
                 )
         elif layer.type == "flatten":
-            # column-major: each sample's (C, H, W) read first index fastest
-            h = (
-                h.permute(0, 3, 2, 1).reshape(h.shape[0], -1)
-                if layer.order == "F"
-                else h.flatten(1)
-            )
+            # F: MATLAB's Z(:) of each sample's H x W x C stack (rows fastest, then
+            # columns, then maps); F_channels_first: the channel fastest; C: row-major.
+            axes = {"F": (0, 1, 3, 2), "F_channels_first": (0, 3, 2, 1), "C": (0, 1, 2, 3)}
+            h = h.permute(*axes[layer.order]).reshape(h.shape[0], -1)
         elif layer.type == "dense":
             h = h @ params[f"{layer.name}.weight"]
             if f"{layer.name}.bias" in params:

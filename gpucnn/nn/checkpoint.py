@@ -1,6 +1,7 @@
 """The checkpoint file: one plain ``.npz`` that any machine loads without pickle.
 
-What a checkpoint holds (format ``gpucnn-checkpoint-v1``):
+What a checkpoint holds (format ``gpucnn-checkpoint-v2``; v1 files load too, see
+``Checkpoint.version``):
 
 - ``format``: the format's name;
 - ``architecture``: the model's config (:meth:`Sequential.config`) as JSON text;
@@ -31,7 +32,10 @@ import numpy as np
 
 from gpucnn.array.backend import to_host
 
-CHECKPOINT_FORMAT = "gpucnn-checkpoint-v1"
+CHECKPOINT_FORMAT = "gpucnn-checkpoint-v2"
+# Format 1 differs in one meaning: its Flatten order "F" read the channel index fastest
+# (since format 2 "F" is MATLAB's Z(:): rows, then columns, then maps).
+READABLE_FORMATS = {"gpucnn-checkpoint-v1": 1, CHECKPOINT_FORMAT: 2}
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Checkpoint:
     optimizer_steps: int = 0
     optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)
     progress: Progress | None = None  # in checkpoints written during training
+    version: int = 2  # the file's format (READABLE_FORMATS)
 
     def damaged(self, problem: str) -> ValueError:
         """The error for a checkpoint whose contents do not fit together."""
@@ -153,9 +158,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             contents = {key: data[key] for key in data.files}
     except Exception as err:
         raise ValueError(f"checkpoint {str(path)!r} is not a readable .npz file: {err}") from err
-    if str(contents.get("format", "")) != CHECKPOINT_FORMAT:
+    version = READABLE_FORMATS.get(str(contents.get("format", "")))
+    if version is None:
         raise ValueError(f"{str(path)!r} is not a gpucnn checkpoint ({CHECKPOINT_FORMAT})")
     checkpoint = Checkpoint(path, {}, {})
+    checkpoint.version = version
     try:
         checkpoint.architecture = json.loads(str(contents["architecture"]))
         if "optimizer" in contents:

@@ -37,7 +37,15 @@ from gpucnn.array.pooling import (
 INITS = ("he", "glorot")
 CONV_MODES = ("convolution", "cross_correlation")
 POOL_KINDS = ("max", "l2", "avg")
-FLATTEN_ORDERS = {"F": "F", "C": "C", "column_major": "F", "row_major": "C"}
+# "F_channels_first": what "F" meant before checkpoint format 2 (the channel index
+# fastest); kept so that older checkpoints compute what they were trained to.
+FLATTEN_ORDERS = {
+    "F": "F",
+    "C": "C",
+    "column_major": "F",
+    "row_major": "C",
+    "F_channels_first": "F_channels_first",
+}
 
 
 def _pair(value: Any, what: str, minimum: int = 1) -> tuple[int, int]:
@@ -398,9 +406,13 @@ class Flatten(Layer):
     """Image (N, C, H, W) -> vector (N, C*H*W).
 
     ``order='F'`` (column-major, the default, as the lecture's MATLAB flattens): each
-    sample's (C, H, W) array is read with the first index fastest, exactly
-    ``z[n].flatten(order='F')``; for one channel this is column after column of the map.
-    ``order='C'`` (row-major) is ``z[n].flatten()``, the PyTorch convention.
+    sample's maps are read as MATLAB reads an H x W x P stack with ``Z(:)``: down the
+    rows of a column first, then column after column, then map after map, so entry
+    ``h + H*w + H*W*c`` is ``z[n, c, h, w]`` (``z[n].transpose(0, 2, 1).ravel()``). For
+    one channel this is column after column of the map. ``order='C'`` (row-major) is
+    ``z[n].ravel()``, the PyTorch convention. ``order='F_channels_first'`` is what 'F'
+    meant before checkpoint format 2 (``z[n].ravel(order='F')``: the channel fastest),
+    kept for the checkpoints trained with it.
     """
 
     type = "flatten"
@@ -414,21 +426,21 @@ class Flatten(Layer):
         c, h, w = in_shape
         return (c * h * w,)
 
+    # Internal (C, H, W, N) axes, slowest to fastest within a sample, for each order.
+    _AXES = {"F": (0, 2, 1, 3), "C": (0, 1, 2, 3), "F_channels_first": (2, 1, 0, 3)}
+
     def _forward(self, x: Array) -> Array:
         n = x.shape[3]
-        if self.order == "F":
-            x = x.transpose(2, 1, 0, 3)  # (W, H, C, N): C fastest within a sample
-        return x.reshape(-1, n).T
+        return x.transpose(self._AXES[self.order]).reshape(-1, n).T
 
     def _backward(self, grad_out: Array, need_input_grad: bool = True) -> Array | None:
         if not need_input_grad:
             return None
         xp = array_module(grad_out)
-        c, h, w = self.in_shape
-        n = grad_out.shape[0]
-        if self.order == "F":
-            return xp.ascontiguousarray(grad_out.T.reshape(w, h, c, n).transpose(2, 1, 0, 3))
-        return xp.ascontiguousarray(grad_out.T).reshape(c, h, w, n)
+        axes = self._AXES[self.order]
+        stored = tuple(((*self.in_shape, grad_out.shape[0]))[a] for a in axes)
+        inverse = tuple(axes.index(a) for a in range(4))
+        return xp.ascontiguousarray(grad_out.T.reshape(stored).transpose(inverse))
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "order": self.order}

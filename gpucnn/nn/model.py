@@ -407,6 +407,10 @@ def _rebuild(checkpoint: Checkpoint, backend: Backend) -> tuple[Sequential, Opti
     """Model and optimizer from a checkpoint; KeyError/TypeError/ValueError where the
     parts do not fit together."""
     model = Sequential.from_config(checkpoint.architecture, backend)
+    if checkpoint.version < 2:  # format 1's "F" read the channel index fastest
+        for layer in model.layers:
+            if layer.type == "flatten" and layer.order == "F" and layer.in_shape[0] > 1:
+                layer.order = "F_channels_first"
     expected, stored = set(model.params), set(checkpoint.params)
     if stored != expected:
         raise ValueError(
