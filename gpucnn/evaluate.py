@@ -28,7 +28,7 @@ from gpucnn.tracking.mlflow_store import mark_dead_runs, resolve_store, store_er
 SPLITS = ("train", "val", "test")
 
 
-def _read_config(path: Path, checkpoint: Path) -> dict[str, Any]:
+def read_config(path: Path, checkpoint: Path) -> dict[str, Any]:
     """The run's config: the YAML at ``path``, else the one a training checkpoint holds.
     Malformed or incomplete, it is a one-line ValueError naming the file."""
     if not path.is_file():
@@ -87,7 +87,7 @@ def evaluate_checkpoint(
     checkpoint: Path, config_path: Path, backend: str = "numpy", split: str = "test"
 ) -> dict[str, Any]:
     model, _ = load_checkpoint(checkpoint, backend=get_backend(backend))  # checked first
-    config = _read_config(config_path, checkpoint)
+    config = read_config(config_path, checkpoint)
     dataset = load_data(config["data"])
     if dataset.input_shape != model.input_shape:
         raise ValueError(

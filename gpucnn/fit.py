@@ -26,6 +26,8 @@ from gpucnn.nn.optim import Optimizer
 from gpucnn.parallel.split import BatchSplit
 from gpucnn.tracking.tracker import Tracker, kernel_grid
 
+KERNELS_FOLDER = "kernels/raw"  # where each logged epoch's kernels go, as .npz
+
 
 @dataclass
 class TrainResult:
@@ -478,10 +480,14 @@ def _log_kernels(
 ) -> None:
     if not every or (epoch % every and not final):
         return
+    weights = {}
     for layer in model.layers:
         if layer.type == "conv":
             weight = to_host(layer.params["weight"])
             tracker.log_image(f"kernels/{layer.name}", kernel_grid(weight), step=epoch)
+            weights[layer.name] = weight
+    if weights:  # the raw numbers too: the report draws them on one scale per layer
+        tracker.log_arrays(f"epoch_{epoch:05d}.npz", weights, KERNELS_FOLDER)
 
 
 def _close_progress_bar(bar: Any, metrics: dict[str, float]) -> None:

@@ -160,7 +160,10 @@ def run(cfg: DictConfig) -> float:
             )
             result = _train(model, optimizer, dataset, config, tracker, checkpoints, resumption)
             _log_outputs(tracker, model, result, output_dir)
+            _write_report(run_id, output_dir, "FINISHED")
         except TrainingStopped as stop:
+            if stop.checkpoint is not None:  # SIGTERM leaves seconds: the report first
+                _write_report(run_id, output_dir, "KILLED")
             _end_stopped(mlflow, run_id, stop)
             stop.run_id, stop.hint = run_id, resume_hint(run_id, config)
             raise
@@ -412,6 +415,19 @@ def _log_outputs(tracker: MlflowTracker, model: Any, result: Any, output_dir: Pa
     for layer in model.layers:
         if layer.type == "conv":
             tracker.log_array(f"{layer.name}.npy", to_host(layer.params["weight"]))
+
+
+def _write_report(run_id: str, output_dir: Path, status: str) -> None:
+    """The run's report.html, built from what it logged, as an artifact; a report that
+    cannot be built costs the run nothing but a line on stderr."""
+    from gpucnn.report import write_and_log  # noqa: PLC0415 - heavy, at the end only
+
+    try:
+        with deferred_interrupt():
+            write_and_log(run_id, output_dir, status)
+    except Exception as err:  # noqa: BLE001 - the run's results are logged already
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"gpucnn: the run's report was not written: {first}", file=sys.stderr, flush=True)
 
 
 def _mark_killed(mlflow: Any) -> None:

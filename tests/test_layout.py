@@ -28,6 +28,7 @@ MAY_IMPORT = {
     "tracking": {"tracking.tracker"},  # tracking/__init__.py: the interface's names
     "tracking.tracker": set(),
     "tracking.liveness": set(),  # which process a run belongs to, whether it lives
+    "tracking.pictures": set(),  # numbers as pictures: signed colour scale, grids, PNG
     "fit": {"array", "nn", "parallel", "data", "interrupts", "tracking.tracker"},
     # the edge: entry points and what only they use
     "tracking.mlflow_store": {"interrupts", "tracking.tracker", "tracking.liveness"},
@@ -44,6 +45,7 @@ MAY_IMPORT = {
         "tracking.liveness",
         "config",
         "resume",
+        "report",
     },
     "resume": {
         "nn",
@@ -51,9 +53,22 @@ MAY_IMPORT = {
     },  # what a resumed run goes on from, and the overrides it takes
     "evaluate": {"array", "nn", "data", "fit", "tracking.mlflow_store"},
     "explain": {"array", "nn"},
+    # a run's report.html: from the store, the checkpoint, the data and the model
+    "report": {"array", "nn", "data", "fit", "evaluate", "tracking", "tracking.pictures"}
+    | {"tracking.mlflow_store"},
     "gpucnn": {"array", "nn", "parallel"},  # gpucnn/__init__.py: the public names
 }
-CORE = ("array", "nn", "data", "parallel", "interrupts", "tracking", "tracking.tracker", "fit")
+CORE = (
+    "array",
+    "nn",
+    "data",
+    "parallel",
+    "interrupts",
+    "tracking",
+    "tracking.tracker",
+    "tracking.pictures",
+    "fit",
+)
 # What runs without the train extra (no Hydra, no MLflow installed): the core, the public
 # names (import gpucnn) and the lecture's walk-through.
 WITHOUT_TRAIN_EXTRA = (*CORE, "gpucnn", "explain")

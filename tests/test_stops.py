@@ -194,10 +194,15 @@ def test_sigterm_to_the_job_saves_stops_and_the_run_goes_on_bit_for_bit(store, t
     # Everything up to the stop is in the store already.
     logged = [m.step for m in client.get_metric_history(run_id, "train_loss_step")]
     assert sorted(logged) == list(range(1, stopped_at + 1))
+    # The stop left time for the run's report; the resumed run rewrites it at its end.
+    report = Path(client.download_artifacts(run_id, "report.html", str(tmp_path / "r1")))
+    assert "<td>status</td><td>KILLED</td>" in report.read_text()
 
     resumed = train(cwd, f"resume={run_id}")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_as_reference(cwd, reference, run_id, tmp_path)
+    report = Path(client.download_artifacts(run_id, "report.html", str(tmp_path / "r2")))
+    assert "<td>status</td><td>FINISHED</td>" in report.read_text()
     tags = client.get_run(run_id).data.tags
     assert tags["gpucnn.resumable"] == "false" and "gpucnn.stopped" not in tags
     assert tags["gpucnn.resumed_from"].endswith(f"step {stopped_at}")

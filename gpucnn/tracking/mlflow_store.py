@@ -355,6 +355,13 @@ class MlflowTracker(Tracker):
             self.client.log_artifact(self.run_id, str(path), "kernels")
 
     @_holding_ctrl_c
+    def log_arrays(self, name: str, arrays: dict[str, np.ndarray], folder: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            np.savez(path, **arrays)  # plain arrays: read back without pickle
+            self.client.log_artifact(self.run_id, str(path), folder)
+
+    @_holding_ctrl_c
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 

@@ -25,6 +25,10 @@ class Tracker:
 
     def log_file(self, path: str | Path, folder: str | None = None) -> None: ...
 
+    def log_arrays(self, name: str, arrays: dict[str, np.ndarray], folder: str) -> None:
+        """Raw arrays as one ``.npz`` file ``name`` in ``folder`` (e.g. every conv
+        layer's kernels at an epoch, for the run's report)."""
+
     def log_checkpoint(self, path: str | Path, epoch: int, step: int) -> None:
         """A checkpoint was written after ``epoch`` epochs and ``step`` steps."""
         self.log_file(path, "checkpoint")
