@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Walk the lecture's CNN examples (or your own arrays) step by step.",
     )
     parser.add_argument("--json", action="store_true", help="print the network example as JSON")
-    parser.add_argument("--image", help=".npy image, (H, W) or (C, H, W)")
+    parser.add_argument(
+        "--image", help=".npy image, (H, W) or (C, H, W); with a trained model also .png"
+    )
     parser.add_argument("--kernel", help=".npy kernel, (KH, KW), (C, KH, KW) or (P, C, KH, KW)")
     parser.add_argument("--weights", help=".npy output weights, one per flattened feature")
     parser.add_argument("--label", type=float, default=0.0, help="target class, 0 or 1")
@@ -228,7 +230,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mode", default="convolution", choices=["convolution", "cross_correlation"]
     )
+    trained = parser.add_argument_group(
+        "a trained model", "walk one image through a run's model, layer by layer"
+    )
+    source = trained.add_mutually_exclusive_group()
+    source.add_argument("--run-id", help="an MLflow run id")
+    source.add_argument("--checkpoint", help="a model .npz written by gpucnn.train")
+    trained.add_argument("--config", help="the run's config.yaml (default: beside it)")
+    trained.add_argument("--tracking-uri", help="MLflow store (default: as gpucnn.train)")
+    trained.add_argument("--index", type=int, help="test image K of the run's data")
+    trained.add_argument("--out", help="also write the walk as PNG pictures in this folder")
     args = parser.parse_args(argv)
+    if args.run_id or args.checkpoint:
+        return _explain_trained(args)
+    for option in ("index", "out", "config", "tracking_uri"):
+        if getattr(args, option) is not None:
+            flag = "--" + option.replace("_", "-")
+            print(f"gpucnn.explain: error: {flag} needs --run-id or --checkpoint", file=sys.stderr)
+            return 2
     own = any(v is not None for v in (args.image, args.kernel, args.weights))
     try:
         result = walk(
@@ -263,6 +282,37 @@ def main(argv: list[str] | None = None) -> int:
     print(report(result, title))
     if not own:
         print(LECTURE_NOTE)
+    return 0
+
+
+def _explain_trained(args: argparse.Namespace) -> int:
+    """The walk of one image (``--index`` of the run's test split, or ``--image``)
+    through a trained model: text, ``--json``, and PNGs in ``--out``."""
+    import tempfile  # noqa: PLC0415
+
+    from gpucnn import inside  # noqa: PLC0415
+    from gpucnn.report import explain_input, trained_model  # noqa: PLC0415
+
+    if (args.index is None) == (args.image is None):
+        print("gpucnn.explain: error: give one of --index K or --image FILE", file=sys.stderr)
+        return 2
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpucnn-explain-") as scratch:
+            model, config = trained_model(
+                args.run_id, args.checkpoint, args.config, args.tracking_uri, Path(scratch)
+            )
+        x, label, names, where = explain_input(model, config, args.index, args.image)
+        walk = inside.walk_model(model, x, label, names)
+        written = inside.write_pictures(walk, Path(args.out)) if args.out else []
+    except (ValueError, FileNotFoundError) as err:
+        print(f"gpucnn.explain: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(inside.as_json(walk))
+    else:
+        print(inside.as_text(walk, f"{config['model'].get('name', 'model')} on {where}"))
+        if written:
+            print(f"\n{len(written)} pictures in {args.out}")
     return 0
 
 

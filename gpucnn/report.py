@@ -609,3 +609,103 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def trained_model(
+    run_id: str | None,
+    checkpoint: str | None,
+    config: str | None,
+    tracking_uri: str | None,
+    into: Path,
+) -> tuple[Sequential, dict[str, Any]]:
+    """The model and config of a run (from its store) or of a checkpoint file (its
+    config beside it, or ``config``); each problem is a one-line ValueError."""
+    if run_id is not None:
+        import mlflow  # noqa: PLC0415
+        from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+        uri, _ = resolve_store(tracking_uri, Path.cwd(), create=False)
+        mlflow.set_tracking_uri(uri)
+        try:
+            mlflow.MlflowClient().get_run(run_id)
+        except MlflowException as err:
+            raise ValueError(f"run {run_id!r} was not found in {uri}") from err
+        path = _download(run_id, "checkpoint/model.npz", into)
+        if path is None:
+            raise ValueError(f"run {run_id!r} has no checkpoint (checkpoint/model.npz)")
+        config_path = _download(run_id, "config.yaml", into) or Path("missing")
+    else:
+        path = Path(str(checkpoint))
+        if not path.is_file():
+            raise ValueError(f"--checkpoint {str(path)!r}: no such file")
+        config_path = Path(config) if config else path.parent / "config.yaml"
+    model, _ = load_checkpoint(path, backend=get_backend("numpy"))
+    return model, read_config(config_path, path)
+
+
+def explain_input(
+    model: Sequential, config: dict[str, Any], index: int | None, image: str | None
+) -> tuple[Any, int | None, list[str] | None, str]:
+    """(the model's input for one image, its true class or None, class names, where it
+    came from): test image ``index`` of the run's data, or the file ``image`` (.npy, or
+    .png for data stored as bytes), scaled as the run's training images were."""
+    data = load_data(config["data"])
+    names = list(data.class_names) or None
+    inputs = batch_inputs(model, data)
+    if index is not None:
+        count = len(data.y_test)
+        if not 0 <= index < count:
+            raise ValueError(
+                f"--index {index} is out of range: the run's test split has {count} images "
+                f"(0..{count - 1})"
+            )
+        raw, label = data.x_test[index : index + 1], int(data.y_test[index])
+        where = f"test image {index} of {data.name}"
+    else:
+        raw, label = _image_file(str(image), model.input_shape, data), None
+        where = str(image)
+    x = model.backend.asarray(raw)
+    return (inputs(x) if inputs is not None else x.astype(model.dtype)), label, names, where
+
+
+def _image_file(path: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+    """One image (1, C, H, W) from a .npy or .png file, in the data's stored units."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--image {path!r}: no such file")
+    if file.suffix.lower() == ".png":
+        if data.scaling is None:
+            raise ValueError(
+                f"--image {path!r}: a .png is read as 0-255 pixel values, which only data "
+                f"stored as bytes has (mnist, fashion_mnist, cifar10); give a .npy in "
+                f"{data.name!r}'s own units"
+            )
+        from PIL import Image  # noqa: PLC0415
+
+        try:
+            with Image.open(file) as opened:
+                picture = opened.convert("L" if shape[0] == 1 else "RGB")
+                array = np.asarray(picture, dtype=np.uint8)
+        except OSError as err:
+            raise ValueError(f"--image {path!r}: not a readable PNG ({err})") from None
+        array = array.transpose(2, 0, 1) if array.ndim == 3 else array
+    else:
+        try:
+            array = np.load(file, allow_pickle=False)
+        except Exception as err:  # noqa: BLE001 - whatever it is, one line naming the file
+            raise ValueError(f"--image {path!r}: not a readable .npy array ({err})") from None
+    found = tuple(array.shape)  # as the file has it, for the error
+    if array.ndim == 2 and shape[0] == 1:
+        array = array[None]
+    if tuple(array.shape) != tuple(shape) or array.dtype.kind not in "biuf":
+        wanted = f"(C, H, W) = {tuple(shape)}" + (
+            f" or (H, W) = {tuple(shape[1:])}" if shape[0] == 1 else ""
+        )
+        raise ValueError(
+            f"--image {path!r} has shape {found} ({array.dtype}); this model "
+            f"takes {wanted}"
+        )
+    if data.scaling is None and data.normalization:  # float data, standardised at load
+        array = (array - data.normalization["mean"]) / data.normalization["std"]
+    return array[None]

@@ -52,7 +52,8 @@ MAY_IMPORT = {
         "tracking.mlflow_store",
     },  # what a resumed run goes on from, and the overrides it takes
     "evaluate": {"array", "nn", "data", "fit", "tracking.mlflow_store"},
-    "explain": {"array", "nn"},
+    "explain": {"array", "nn", "inside", "report"},  # the last two for a trained model
+    "inside": {"array", "nn", "tracking", "tracking.pictures"},  # one image, layer by layer
     # a run's report.html: from the store, the checkpoint, the data and the model
     "report": {"array", "nn", "data", "fit", "evaluate", "tracking", "tracking.pictures"}
     | {"tracking.mlflow_store"},
@@ -71,7 +72,7 @@ CORE = (
 )
 # What runs without the train extra (no Hydra, no MLflow installed): the core, the public
 # names (import gpucnn) and the lecture's walk-through.
-WITHOUT_TRAIN_EXTRA = (*CORE, "gpucnn", "explain")
+WITHOUT_TRAIN_EXTRA = (*CORE, "gpucnn", "explain", "inside")
 EDGE_LIBRARIES = {"hydra", "omegaconf", "mlflow"}
 # Outside the array layer, only code that handles host arrays alone imports NumPy: files
 # (checkpoints, datasets), the worker processes' shared memory, pictures, the edge.

@@ -236,3 +236,89 @@ def test_the_report_renders_in_headless_chromium(digits_run, tmp_path):
     )
     assert dom.returncode == 0 and "Inside the net, image by image" in dom.stdout
     assert "net::ERR" not in rendered.stderr + dom.stderr  # nothing failed to load
+
+
+# --- python -m gpucnn.explain on a trained model -------------------------------------
+
+
+def explain(cwd, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "gpucnn.explain", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
+
+
+def test_explain_walks_a_test_image_through_the_trained_model(digits_run, tmp_path):
+    import json
+
+    from gpucnn.nn.model import load_checkpoint
+
+    cwd, client, run = digits_run
+    result = explain(cwd, "--run-id", run.info.run_id, "--index", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    walk = json.loads(result.stdout)
+    checkpoint = Path(client.download_artifacts(run.info.run_id, "checkpoint", str(tmp_path)))
+    model, _ = load_checkpoint(checkpoint / "model.npz")
+    assert [s["name"] for s in walk["steps"]] == [layer.name for layer in model.layers]
+    data = load_dataset("digits", seed=0)
+    logits = model.forward(data.x_test[5:6].astype(np.float32))[0]  # digits: float data
+    np.testing.assert_allclose(walk["logits"], logits, rtol=1e-5, atol=1e-6)
+    assert walk["predicted"] == int(np.argmax(logits)) and walk["label"] == int(data.y_test[5])
+    assert sum(walk["probabilities"]) == pytest.approx(1.0)
+    assert walk["steps"][0]["shape"] == [4, 8, 8]  # conv1: 4 maps of 8 x 8 ('same')
+    pool = next(s for s in walk["steps"] if s["type"] == "pool")
+    winners = np.array(pool["winners"])  # one winner per 2 x 2 window and channel
+    assert winners.shape == (64, 8, 8)
+    assert (winners.reshape(64, 4, 2, 4, 2).sum(axis=(2, 4)) == 1).all()
+    text = explain(cwd, "--run-id", run.info.run_id, "--index", "5")
+    assert text.returncode == 0 and "the winner of each max window marked *" in text.stdout
+    assert f"predicted class: {walk['predicted']}" in text.stdout
+
+
+def test_explain_writes_the_walk_as_pictures(digits_run, tmp_path):
+    cwd, client, run = digits_run
+    out = tmp_path / "walk"
+    result = explain(cwd, "--run-id", run.info.run_id, "--index", "0", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names[0] == "00_input.png" and names[-1] == "99_saliency.png"
+    for path in out.iterdir():
+        PIL.open(path).load()
+    winners = np.asarray(PIL.open(out / "05_pool1_winners.png").convert("RGB"))
+    yellow = (winners == (255, 200, 0)).all(axis=2).sum()
+    factor = 96 // 8  # 8 x 8 maps enlarged to about 96 pixels
+    assert yellow == 64 * 4 * 4 * factor * factor  # every window of every channel, once
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--index", "100000"], r"--index 100000 is out of range: the run's test split has"),
+        (["--image", "wrong.npy"], r"--image 'wrong.npy' has shape \(3, 3\) \(float64\); this"),
+        (["--image", "nothing.png"], r"--image 'nothing.png': no such file"),
+        ([], r"give one of --index K or --image FILE"),
+    ],
+)
+def test_explain_bad_input_is_one_line(digits_run, args, message):
+    cwd, _, run = digits_run
+    np.save(cwd / "wrong.npy", np.zeros((3, 3)))
+    result = explain(cwd, "--run-id", run.info.run_id, *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), result.stderr
+
+
+def test_explain_a_run_without_a_checkpoint_is_one_line(digits_run):
+    cwd, client, run = digits_run
+    empty = client.create_run(run.info.experiment_id).info.run_id
+    client.set_terminated(empty, "FAILED")
+    result = explain(cwd, "--run-id", empty, "--index", "0")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip() == f"gpucnn.explain: error: run {empty!r} has no checkpoint "
+        "(checkpoint/model.npz)"
+    )
