@@ -111,6 +111,7 @@ def build_report(
     ``status``: the one the run is ending with (the store still says RUNNING)."""
     import mlflow  # noqa: PLC0415
 
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # the app's output stays ours
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
     name = run.data.tags.get("mlflow.runName", run_id)
@@ -703,8 +704,7 @@ def _image_file(path: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
             f" or (H, W) = {tuple(shape[1:])}" if shape[0] == 1 else ""
         )
         raise ValueError(
-            f"--image {path!r} has shape {found} ({array.dtype}); this model "
-            f"takes {wanted}"
+            f"--image {path!r} has shape {found} ({array.dtype}); this model takes {wanted}"
         )
     if data.scaling is None and data.normalization:  # float data, standardised at load
         array = (array - data.normalization["mean"]) / data.normalization["std"]
