@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,train
+EXTRAS ?= dev,train,distributed
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # Arguments passed through to the training app, e.g. `make train ARGS="trainer.epochs=5"`.

@@ -39,6 +39,7 @@ HeadName = _choices("HeadName", HEAD_TYPES)
 OptimizerName = _choices("OptimizerName", OPTIMIZER_TYPES)
 DataName = _choices("DataName", DATASETS)
 DType = _choices("DType", DTYPES)
+Distributed = _choices("Distributed", ("none", "mpi"))
 
 
 @dataclass
@@ -117,6 +118,7 @@ class TrackingConfig:
 class Config:
     resume: str | None = None  # a run id, or a checkpoint file: continue that run
     backend: BackendName = BackendName.auto
+    distributed: Distributed = Distributed.none  # mpi: data parallel over MPI ranks
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -382,11 +382,14 @@ def _train_epoch(
     TrainingStopped."""
     loss_sum, correct = at.loss_sum, at.correct
     started = time.perf_counter()  # (the part of an epoch before a stop counts too)
+    agreed_stop = getattr(runner, "agreed_stop", None)
     for batch, start in enumerate(range(0, train.size, batch_size)):
         if batch < at.batch:
             continue  # done before the run stopped
         raise_if_interrupted()  # a Ctrl-C that Python dropped (see sticky_interrupts)
         signal_number = stop_requested()
+        if agreed_stop is not None:  # data parallel: all ranks stop at the same step
+            signal_number = agreed_stop(signal_number)
         if signal_number:
             at.batch, at.loss_sum, at.correct = batch, loss_sum, correct
             at.seconds += time.perf_counter() - started

@@ -33,10 +33,11 @@ ALLOWED = (
     "data.url",
     "data.download",
     "backend",
+    "distributed",
 )
 ALLOWED_TEXT = (
     "trainer.epochs, trainer.checkpoint_every, trainer.log_every, trainer.kernels_every, "
-    "tracking.*, data.path, data.cache_dir, data.url, data.download, backend"
+    "tracking.*, data.path, data.cache_dir, data.url, data.download, backend, distributed"
 )
 GROUPS = ("model", "data", "optimizer", "trainer", "experiment", "tracking")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -50,6 +51,7 @@ class Resumption:
     progress: Progress
     checkpoint: Path  # a local copy of the checkpoint file
     run_id: str | None  # the MLflow run to continue; None: start a new one
+    checkpoint_bytes: bytes | None = None  # the file's bytes, for the other MPI ranks
 
 
 def is_run_id(target: str) -> bool:

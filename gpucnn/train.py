@@ -47,7 +47,10 @@ from gpucnn.interrupts import (
     stop_on_signals,
     stop_requested,
 )
+from gpucnn.nn.checkpoint import read_checkpoint
 from gpucnn.nn.model import load_checkpoint
+from gpucnn.parallel.mpi import MpiSplit, RankFailed, World
+from gpucnn.parallel.split import BatchSplit
 from gpucnn.resume import Resumption, is_run_id, prepare_resumption, stored_run
 from gpucnn.tracking.liveness import this_process
 from gpucnn.tracking.mlflow_store import (
@@ -110,9 +113,10 @@ def parent_run_id(hydra_cfg: Any) -> str | None:
     return None
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig, world: Any = None) -> float:
     """One training job: check everything, then one MLflow run from start to end (or a
-    stopped run continued, with ``resume=``)."""
+    stopped run continued, with ``resume=``). With ``world`` (distributed=mpi), this is
+    rank 0: the only rank that talks to MLflow."""
     import mlflow  # noqa: PLC0415
 
     hydra_cfg = HydraConfig.get()
@@ -145,6 +149,8 @@ def run(cfg: DictConfig) -> float:
             tracker = MlflowTracker(run_id)
             if resumption is None or resumption.run_id != run_id:
                 _log_inputs(tracker, config, dataset, model, output_dir, digest)
+                if world is not None:
+                    tracker.log_params({"distributed.world_size": world.size})
             else:
                 _write_config(tracker, config, output_dir)
                 tracker.skip_what_is_logged()
@@ -158,7 +164,9 @@ def run(cfg: DictConfig) -> float:
                     "backend": backend.name,
                 },
             )
-            result = _train(model, optimizer, dataset, config, tracker, checkpoints, resumption)
+            result = _train(
+                model, optimizer, dataset, config, tracker, checkpoints, resumption, world
+            )
             _log_outputs(tracker, model, result, output_dir)
             _write_report(run_id, output_dir, "FINISHED")
         except TrainingStopped as stop:
@@ -206,6 +214,7 @@ def _prepare_resumed(config: dict[str, Any], hydra_cfg: Any, mlflow: Any) -> tup
         backend, dataset, model, optimizer = prepare(resumption.config)
         digest = dataset.digest()
         model, optimizer = _resumed_model(resumption, model, backend, digest)
+        resumption.checkpoint_bytes = resumption.checkpoint.read_bytes()  # for other ranks
     if uri is None:
         uri, artifacts = resolve_store(resumption.config["tracking"]["uri"], launch_dir)
         mlflow.set_tracking_uri(uri)
@@ -220,12 +229,20 @@ def _train(
     tracker: MlflowTracker,
     checkpoints: Checkpoints,
     resumption: Resumption | None,
+    world: Any = None,
 ) -> Any:
-    """fit() as the config says; a resumed run cuts its batches as it did before."""
+    """fit() as the config says; a resumed run cuts its batches as it did before. With
+    ``world``, the other ranks get the config and the checkpoint to start from first."""
     trainer = config["trainer"]
     split = dict(resumption.progress.batch_split) if resumption else {}
     split_batches = split.pop("split_batches", True)
-    with cpu_configured(**split):
+    if world is not None:
+        checkpoint = resumption.checkpoint_bytes if resumption else None
+        world.broadcast({"config": config, "checkpoint": checkpoint})
+        world.started = True
+    with world.cpus(**split) if world is not None else cpu_configured(**split):
+        if world is not None:
+            model = MpiSplit(BatchSplit(model) if split_batches else model, world)
         return fit(
             model,
             optimizer,
@@ -459,17 +476,134 @@ def summary(
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
+    try:
+        world = _world(cfg)
+    except (ImportError, ValueError) as err:
+        print(f"gpucnn.train: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if world is not None and world.rank != 0:
+        sys.exit(_follow(world))
+    try:
+        return _main(cfg, world)
+    except SystemExit as ending:
+        if world is not None:
+            _release(world, ending.code if isinstance(ending.code, int) else 1)
+        raise
+
+
+def _world(cfg: DictConfig) -> Any:
+    """The MPI world for distributed=mpi (None otherwise); refused on CuPy (no NCCL yet),
+    and distributed=none is refused in a job an MPI launcher started several times."""
+    if str(cfg.get("distributed", "none")) in ("none", "Distributed.none"):
+        launched = _launched_processes()
+        if launched > 1:
+            rank = int(os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
+            if rank != 0:
+                sys.exit(2)  # rank 0 says why
+            raise ValueError(
+                f"this job is {launched} processes started by an MPI launcher, but "
+                "distributed=none: add distributed=mpi (else each would train alone)"
+            )
+        return None
+    if str(cfg.get("backend")).endswith("cupy"):
+        raise ValueError(
+            "distributed=mpi with backend=cupy needs NCCL, which gpucnn does not support "
+            "yet; use backend=numpy"
+        )
+    return World()
+
+
+def _launched_processes() -> int:
+    """How many processes the MPI launcher (MPICH's or Open MPI's mpiexec) started."""
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def _release(world: Any, code: int) -> None:
+    """Rank 0 is ending with ``code``: ranks still waiting to start are told to end;
+    ranks already training end with it unless they end by themselves (an agreed stop or
+    failure): MPI would otherwise leave them waiting in a collective."""
+    if world.size == 1:
+        return
+    if not world.started:
+        world.broadcast({"abort": code})
+    elif not getattr(world, "agreed_end", False):
+        world.abort(code)
+
+
+def _follow(world: Any) -> int:
+    """A rank other than 0: the config (and checkpoint) from rank 0, the same fit on its
+    shard of each batch, nothing logged; its exit code follows rank 0's."""
+    with sticky_interrupts(), stop_on_signals():
+        try:
+            start = world.broadcast(None)
+            if "abort" in start:
+                return int(start["abort"])
+            config = start["config"]
+            _, dataset, model, optimizer = prepare(config)
+            progress, split = None, {}
+            if start["checkpoint"] is not None:
+                with tempfile.TemporaryDirectory(prefix="gpucnn-rank-") as scratch:
+                    path = Path(scratch) / "model.npz"
+                    path.write_bytes(start["checkpoint"])
+                    model, optimizer = load_checkpoint(path, model.backend)
+                    progress = read_checkpoint(path).progress
+                split = dict(progress.batch_split)
+            split_batches = split.pop("split_batches", True)
+            trainer = config["trainer"]
+            with world.cpus(**split):
+                fit(
+                    MpiSplit(BatchSplit(model) if split_batches else model, world),
+                    optimizer,
+                    dataset,
+                    epochs=trainer["epochs"],
+                    batch_size=trainer["batch_size"],
+                    seed=trainer["seed"],
+                    log_every=trainer["log_every"],
+                    kernels_every=0,
+                    progress=False,
+                    resume=progress,
+                )
+            return 0
+        except RankFailed:
+            return 1  # rank 0 says what happened
+        except DivergedError:
+            return 2
+        except TrainingStopped as stop:
+            return 128 + stop.signal_number
+        except KeyboardInterrupt:
+            return 130
+        except Exception as err:  # noqa: BLE001 - outside a step: the others would wait
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            print(f"gpucnn.train: rank {world.rank}: error: {first}", file=sys.stderr, flush=True)
+            world.abort(2)
+            return 2
+
+
+def _main(cfg: DictConfig, world: Any) -> float:
     started = time.perf_counter()
     try:
         with sticky_interrupts(), stop_on_signals():
-            return run(cfg)
+            return run(cfg, world)
+    except RankFailed as failed:
+        if world is not None:
+            world.agreed_end = True
+        print(f"gpucnn.train: error: {failed}; the run is marked FAILED", file=sys.stderr)
+        sys.exit(1)
     except USER_ERRORS as err:
+        if isinstance(err, DivergedError) and world is not None:
+            world.agreed_end = True  # the same loss on every rank: all stopped
         print(f"gpucnn.train: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except DownloadStopped as stop:
         print(f"gpucnn.train: {stop}; nothing was kept or logged", file=sys.stderr, flush=True)
         sys.exit(128 + stop.signal_number)
     except TrainingStopped as stop:
+        if world is not None and world.started:
+            world.agreed_end = True  # every rank stopped at the same step
         run_id, hint = getattr(stop, "run_id", None), getattr(stop, "hint", "")
         if run_id is None:
             print(

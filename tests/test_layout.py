@@ -37,6 +37,7 @@ MAY_IMPORT = {
     "train": {
         "array",
         "nn",
+        "parallel",
         "data",
         "fit",
         "interrupts",
@@ -76,7 +77,7 @@ WITHOUT_TRAIN_EXTRA = (*CORE, "gpucnn", "explain", "inside")
 EDGE_LIBRARIES = {"hydra", "omegaconf", "mlflow"}
 # Outside the array layer, only code that handles host arrays alone imports NumPy: files
 # (checkpoints, datasets), the worker processes' shared memory, pictures, the edge.
-HOST_NUMPY = {"nn.checkpoint", "parallel.workers"}
+HOST_NUMPY = {"nn.checkpoint", "parallel.workers", "parallel.mpi"}
 
 
 def module_names() -> list[str]:
