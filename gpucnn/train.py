@@ -240,6 +240,7 @@ def _train(
         checkpoint = resumption.checkpoint_bytes if resumption else None
         world.broadcast({"config": config, "checkpoint": checkpoint})
         world.started = True
+        world.comm.Barrier()  # the others have loaded their data and model: steps start
     with world.cpus(**split) if world is not None else cpu_configured(**split):
         if world is not None:
             model = MpiSplit(BatchSplit(model) if split_batches else model, world)
@@ -554,6 +555,7 @@ def _follow(world: Any) -> int:
                 split = dict(progress.batch_split)
             split_batches = split.pop("split_batches", True)
             trainer = config["trainer"]
+            world.comm.Barrier()  # ready: rank 0 starts its clock with ours
             with world.cpus(**split):
                 fit(
                     MpiSplit(BatchSplit(model) if split_batches else model, world),

@@ -23,7 +23,7 @@ MAY_IMPORT = {
     "array": set(),
     "nn": {"array"},
     "data": {"interrupts"},  # host NumPy arrays: no backend, no model; a download stops
-    "parallel": {"array", "nn"},
+    "parallel": {"array", "nn", "interrupts"},  # MPI ranks agree on a requested stop
     "interrupts": set(),
     "tracking": {"tracking.tracker"},  # tracking/__init__.py: the interface's names
     "tracking.tracker": set(),

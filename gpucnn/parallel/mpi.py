@@ -33,6 +33,7 @@ from typing import Any
 
 from gpucnn.array import threads
 from gpucnn.array.backend import Array, is_gpu, to_host
+from gpucnn.interrupts import stop_requested
 from gpucnn.nn.model import Sequential
 from gpucnn.parallel.split import BatchSplit
 
@@ -97,17 +98,6 @@ class World:
         """The largest of every rank's ``value`` (a status word: 0 means all is well)."""
         return int(self.comm.allreduce(int(value), op=self.MPI.MAX))
 
-    def check(self, error: BaseException | None) -> None:
-        """Every rank calls this at the same point: when any rank passes an error, all
-        raise RankFailed naming the lowest failing rank and its error."""
-        failed = self.agree(self.size - self.rank if error is not None else 0)
-        if not failed:
-            return
-        first = self.size - failed
-        message = f"{type(error).__name__}: {error}" if error is not None else None
-        message = self.comm.bcast(message, root=first)
-        raise RankFailed(first, str(message).splitlines()[0]) from error
-
     def abort(self, code: int) -> None:
         """End every rank now (a rank that cannot go on, outside a step's collectives:
         otherwise the others would wait for it forever)."""
@@ -139,48 +129,53 @@ class MpiSplit:
         self._weight = 1.0
         self._penalized = False
         self._has_shard = True
+        self._agreed_signal: int | None = None  # agreed with the last gradients
 
     @property
     def params(self) -> dict[str, Array]:
         return self.sequential.params
 
     def agreed_stop(self, signal_number: int) -> int:
-        """A stop requested on any rank is a stop on all, at the same step."""
-        return self.world.agree(signal_number)
+        """A stop requested on any rank is a stop on all, at the same step: the signals
+        were exchanged with the previous step's gradients (before the first step, with a
+        collective of their own). A signal that arrives between steps counts a step later."""
+        if self._agreed_signal is None:
+            return self.world.agree(signal_number)
+        agreed, self._agreed_signal = self._agreed_signal, None
+        return agreed
 
     def loss(self, x: Array, labels: Array, penalty: bool = True) -> Array:
+        """The whole batch's mean loss: one allgather brings every rank's weighted shard
+        loss, its head outputs (for accuracy) and its error, if any."""
         n = len(labels)
         part = self.world.shard(n)
         self._weight = (part.stop - part.start) / n
-        local_loss, outputs, error = self.xp.zeros((), dtype=self.sequential.dtype), None, None
+        self._has_shard = part.stop > part.start
+        local_loss, outputs, error = 0.0, None, None
         try:
-            if part.stop > part.start:
-                local_loss = self.runner.loss(x[part], labels[part], penalty=False)
-                outputs = self.runner.last_output
-        except Exception as err:  # noqa: BLE001 - the others learn it, below
+            if self._has_shard:
+                value = self.runner.loss(x[part], labels[part], penalty=False)
+                local_loss = float(to_host(value)) * self._weight
+                outputs = to_host(self.runner.last_output)
+        except Exception as err:  # noqa: BLE001 - every rank learns it, below
             error = err
-        self.world.check(error)
-        # Σ_r share_r * mean_r = the whole batch's mean loss; the outputs in rank order.
-        total = self.world.comm.allreduce(float(to_host(local_loss)) * self._weight)
-        gathered = self.world.comm.allgather(to_host(outputs) if outputs is not None else None)
+        gathered = self.world.comm.allgather((_describe(error), local_loss, outputs))
+        _raise_first_failure(gathered, error)
+        total = sum(loss for _, loss, _ in gathered)  # Σ_r share_r * mean_r, in rank order
         self.last_output = self.xp.asarray(
-            self._stack([o for o in gathered if o is not None]), dtype=self.sequential.dtype
+            _concatenate([o for _, _, o in gathered if o is not None]),
+            dtype=self.sequential.dtype,
         )
         value = self.xp.asarray(total, dtype=self.sequential.dtype)
         self._penalized = bool(penalty and self.sequential.l2)
         if self._penalized:
             value = value + self.sequential.penalty()
-        self._has_shard = part.stop > part.start
         return value
-
-    def _stack(self, parts: list[Any]) -> Any:
-        import numpy  # noqa: PLC0415 - host buffers of the collectives
-
-        return numpy.concatenate(parts)
 
     def backward(self) -> dict[str, Array]:
         """The whole batch's gradients: this rank's shard-mean gradients weighted by its
-        share, packed into one buffer, summed over the ranks by one Allreduce."""
+        share, packed into one buffer, summed over the ranks by one Allreduce (after a
+        small exchange of errors and stop requests)."""
         import numpy  # noqa: PLC0415 - the buffer the collective sums
 
         names = list(self.sequential.params)
@@ -190,9 +185,11 @@ class MpiSplit:
                 grads = self.runner.backward()
                 flat = numpy.concatenate([to_host(grads[k]).ravel() for k in names])
                 flat *= self._weight
-        except Exception as err:  # noqa: BLE001 - the others learn it, below
+        except Exception as err:  # noqa: BLE001 - every rank learns it, below
             error = err
-        self.world.check(error)
+        status = self.world.comm.allgather((_describe(error), stop_requested()))
+        _raise_first_failure([(e, None, None) for e, _ in status], error)
+        self._agreed_signal = max(s for _, s in status)
         sizes = [int(self.sequential.params[k].size) for k in names]
         if flat is None:
             flat = numpy.zeros(sum(sizes), dtype=self.sequential.dtype)
@@ -208,5 +205,21 @@ class MpiSplit:
         return result
 
 
-def describe(world: World) -> str:
-    return f"rank {world.rank} of {world.size} (pid {os.getpid()})"
+def _describe(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _raise_first_failure(gathered: list[tuple], error: BaseException | None) -> None:
+    """RankFailed on every rank, naming the lowest rank that failed, if any did."""
+    for rank, entry in enumerate(gathered):
+        if entry[0] is not None:
+            raise RankFailed(rank, entry[0]) from error
+
+
+def _concatenate(parts: list[Any]) -> Any:
+    import numpy  # noqa: PLC0415 - host buffers of the collectives
+
+    return numpy.concatenate(parts)
