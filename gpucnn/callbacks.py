@@ -13,9 +13,27 @@ from gpucnn.tracking.liveness import this_process
 from gpucnn.tracking.mlflow_store import (
     PARENT_RUN_ENV,
     PARENT_RUN_FILE,
+    SWEPT_KEYS_TAG,
     ensure_experiment,
     resolve_store,
 )
+
+
+def swept_keys(overrides: list[str], sweeper: Any = None) -> list[str]:
+    """The keys a sweep varies: command-line sweeps (``a=1,2``, ``b=range(3)``, ...) and
+    the search space a sweeper is configured with (``hydra.sweeper.params``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: PLC0415
+
+    keys = [
+        override.get_key_element()
+        for override in OverridesParser.create().parse_overrides(overrides)
+        if override.is_sweep_override()
+    ]
+    params = sweeper.get("params") if sweeper is not None else None
+    for key in params or {}:
+        if key not in keys:
+            keys.append(str(key))
+    return keys
 
 
 class MlflowSweepCallback(Callback):
@@ -36,6 +54,7 @@ class MlflowSweepCallback(Callback):
         mlflow.set_tracking_uri(uri)
         experiment_id = ensure_experiment(config.tracking.experiment, artifacts)
         sweep_dir = Path(hydra_cfg.sweep.dir)
+        swept = swept_keys(list(hydra_cfg.overrides.task), hydra_cfg.get("sweeper"))
         run = mlflow.MlflowClient().create_run(
             experiment_id,
             run_name=f"sweep {sweep_dir.name}",
@@ -43,6 +62,8 @@ class MlflowSweepCallback(Callback):
                 "gpucnn.sweep": "parent",
                 "gpucnn.sweep_dir": str(sweep_dir),
                 "gpucnn.overrides": " ".join(hydra_cfg.overrides.task),
+                # the columns to compare the children by; each child is named after them
+                SWEPT_KEYS_TAG: " ".join(swept),
                 **this_process().as_tags(),  # a sweep whose launcher dies is found too
             },
         )

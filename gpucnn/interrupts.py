@@ -77,12 +77,17 @@ def raise_if_interrupted() -> None:
 _STOP = [0]  # the signal that asked training to stop, inside stop_on_signals()
 
 
+# What schedulers send before they end a job: SIGTERM, and SIGUSR2, which submitit has
+# SLURM send ahead of a time limit or a preemption (--signal=USR2@90).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
 @contextlib.contextmanager
-def stop_on_signals(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
-    """Within the block, SIGTERM (what schedulers send before they kill a job) asks the
-    training loop to stop at its next step boundary instead of killing the process:
-    :func:`stop_requested` then returns the signal's number. Off the main thread, where
-    Python delivers no signals, this does nothing."""
+def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Within the block, SIGTERM or SIGUSR2 (what schedulers send before they kill a
+    job) asks the training loop to stop at its next step boundary instead of killing the
+    process: :func:`stop_requested` then returns the signal's number. Off the main
+    thread, where Python delivers no signals, this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

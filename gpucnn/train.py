@@ -58,6 +58,7 @@ from gpucnn.tracking.mlflow_store import (
     PARENT_RUN_ENV,
     PARENT_RUN_FILE,
     RESUMABLE_TAG,
+    SWEPT_KEYS_TAG,
     MlflowTracker,
     ensure_experiment,
     flatten_params,
@@ -380,15 +381,27 @@ def _start_run(
                     if stale in client.get_run(existing).data.tags:
                         client.delete_tag(existing, stale)
                 return mlflow.start_run(run_id=existing)
+            parent = parent_run_id(hydra_cfg)
             return mlflow.start_run(
                 experiment_id=experiment_id,
-                run_name=config["tracking"]["run_name"],
-                parent_run_id=parent_run_id(hydra_cfg),
+                run_name=config["tracking"]["run_name"] or _child_name(mlflow, parent, hydra_cfg),
+                parent_run_id=parent,
                 tags=tags,
             )
     except KeyboardInterrupt:
         _mark_killed(mlflow)
         raise
+
+
+def _child_name(mlflow: Any, parent: str | None, hydra_cfg: Any) -> str | None:
+    """A sweep job's run name: its values of the keys the sweep varies
+    (``optimizer.lr=0.01 trainer.seed=1``), so the UI's run list tells the jobs apart."""
+    if parent is None:
+        return None
+    swept = mlflow.MlflowClient().get_run(parent).data.tags.get(SWEPT_KEYS_TAG, "").split()
+    mine = dict(o.split("=", 1) for o in hydra_cfg.overrides.task if "=" in o)
+    parts = [f"{key}={mine[key]}" for key in swept if key in mine]
+    return " ".join(parts) or None
 
 
 def _log_inputs(

@@ -208,6 +208,21 @@ def test_sigterm_to_the_job_saves_stops_and_the_run_goes_on_bit_for_bit(store, t
     assert tags["gpucnn.resumed_from"].endswith(f"step {stopped_at}")
 
 
+def test_sigusr2_a_schedulers_warning_stops_like_sigterm(store, tmp_path):
+    """submitit has SLURM send SIGUSR2 ahead of a time limit or a preemption: the same
+    stop at a step boundary, checkpoint, KILLED and resumable, to the whole job's group
+    (worker processes included)."""
+    cwd, reference = store
+    process, _, err, run_id = start_and_stop(cwd, signal.SIGUSR2)
+    assert process.returncode == 128 + signal.SIGUSR2, err
+    assert f"stopped by signal {int(signal.SIGUSR2)} before step" in err.strip().splitlines()[-1]
+    run = client_for(cwd).get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["gpucnn.resumable"] == "true"
+    resumed = train(cwd, f"resume={run_id}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_as_reference(cwd, reference, run_id, tmp_path)
+
+
 def test_a_job_killed_without_a_word_is_found_failed_and_goes_on(store, tmp_path):
     """...and goes on from its checkpoint file (resume=PATH): the same run. Checkpoints
     every 3 epochs, killed once epoch 4 is in the store: the epochs logged after the

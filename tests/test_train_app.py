@@ -258,6 +258,9 @@ def test_multirun_one_parent_two_children(tmp_path, launcher):
     assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert sorted(c.data.params["optimizer.lr"] for c in children) == ["0.001", "0.01"]
+    # Named after what the sweep varies; the parent says which keys those are.
+    assert parents[0].data.tags["gpucnn.swept_keys"] == "optimizer.lr"
+    assert sorted(c.info.run_name for c in children) == ["optimizer.lr=0.001", "optimizer.lr=0.01"]
     assert all(r.info.status == "FINISHED" for r in runs)
     for run in runs:  # each can be told from a run whose process died
         assert {"gpucnn.host", "gpucnn.pid", "gpucnn.started"} <= set(run.data.tags)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from gpucnn.interrupts import STOP_SIGNALS
 from gpucnn.nn.model import Sequential
 from gpucnn.parallel.workers import MODELS_PER_WORKER, SharedFile, Spec
 
@@ -22,10 +23,10 @@ def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
     forward was followed by a backward request (a training loop). Forward after forward
     (evaluation) turns that off again after one wasted backward.
     """
-    # Ctrl-C and SIGTERM reach the whole process group: the parent decides (it saves a
-    # checkpoint at the next step, which needs this worker alive until then).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C, SIGTERM and SIGUSR2 reach the whole process group: the parent decides (it
+    # saves a checkpoint at the next step, which needs this worker alive until then).
+    for number in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(number, signal.SIG_IGN)
     conn = Connection(fd)
     inputs, outputs = SharedFile(inputs_fd), SharedFile(outputs_fd)
     copies = _ModelCopies(outputs)

@@ -30,6 +30,7 @@ from gpucnn.interrupts import deferred_interrupt
 from gpucnn.tracking.liveness import ProcessIdentity, is_alive, this_process
 from gpucnn.tracking.tracker import Tracker
 
+SWEPT_KEYS_TAG = "gpucnn.swept_keys"  # on a sweep's parent run: the keys it varies
 PARENT_RUN_ENV = "GPUCNN_PARENT_RUN_ID"
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 CHECKPOINT_TAG = "gpucnn.checkpoint"  # the last checkpoint: artifact path, epoch and step
