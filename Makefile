@@ -3,13 +3,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,train,distributed
+EXTRAS ?= dev,train,distributed,scale
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # Arguments passed through to the training app, e.g. `make train ARGS="trainer.epochs=5"`.
 ARGS ?=
 
-.PHONY: venv test test-fast lint train explain bench bench-smoke clean
+.PHONY: venv test test-fast lint train explain bench bench-smoke server clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ bench: $(STAMP)
 
 bench-smoke: $(STAMP)
 	$(PY) benchmarks/bench.py --quick
+
+# A team's MLflow tracking server: PostgreSQL (a local one under runs/postgres unless
+# ARGS="--db postgresql://...") and artifacts served by the server, on 127.0.0.1:5000.
+server: $(STAMP)
+	$(PY) scripts/tracking_server.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

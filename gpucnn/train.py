@@ -181,6 +181,8 @@ def run(cfg: DictConfig, world: Any = None) -> float:
             _mark_killed(mlflow)
             raise
         except BaseException as err:
+            if store_error(err) is not None:  # the store itself is gone: nothing to tag
+                raise
             with deferred_interrupt():
                 mlflow.set_tag("gpucnn.error", f"{type(err).__name__}: {err}"[:5000])
             if isinstance(err, DivergedError):  # it would diverge again: start afresh

@@ -176,16 +176,37 @@ def _store_message(database: Path, problem: str, seconds: float) -> str:
     )
 
 
+HTTP_FAIL_FAST = {  # a refused connection fails at once: few retries, short backoff
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+
+
 def store_error(err: BaseException) -> ValueError | None:
-    """A one-line error for a failure of the active SQLite store met under way (locked
-    past MLflow's own 20 s, or unwritable), else None."""
+    """A one-line error for a failure of the active store met under way: a SQLite store
+    locked past MLflow's own 20 s or unwritable, or a tracking server that stopped
+    answering; else None."""
     if "mlflow" not in sys.modules:  # nothing was opened yet
         return None
-    database = sqlite_file(sys.modules["mlflow"].get_tracking_uri())
+    uri = sys.modules["mlflow"].get_tracking_uri()
+    if is_server(uri):
+        text = f"{type(err).__name__}: {err}"
+        signs = ("Max retries exceeded", "Connection refused", "ConnectionError", "timed out")
+        if any(sign in text for sign in signs):
+            return ValueError(
+                f"the tracking server {uri} stopped answering ({_first_line(text)[:200]}); "
+                "what was logged before is kept there; the run could not be marked there"
+            )
+        return None
+    database = sqlite_file(uri)
     problem = _store_problem(err) if database is not None else None
     if problem is None:
         return None
     return ValueError(_store_message(database, problem, 20.0))
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -211,6 +232,11 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
     """
     if not is_server(uri):
         return
+    # A server that goes away later: MLflow's client would retry each request with
+    # backoff for minutes; a few seconds, then the job's one-line error (the user's own
+    # settings of these variables win).
+    for name, value in HTTP_FAIL_FAST.items():
+        os.environ.setdefault(name, value)
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
     except urllib.error.HTTPError:
