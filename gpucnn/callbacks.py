@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,18 @@ class MlflowSweepCallback(Callback):
         # HydraConfig is not set yet at this point; the config carries the hydra node, and
         # Hydra shares its resolver cache with the jobs, so ${now:...} resolves the same.
         hydra_cfg = config.hydra
+        sweeper = str(hydra_cfg.sweeper.get("_target_", ""))
+        if "optuna" in sweeper.lower() and not config.data.get("val_fraction"):
+            # The jobs would refuse one by one; the search is refused before it starts.
+            print(
+                f"gpucnn.train: error: a search (hydra/sweeper=optuna) maximises the "
+                f"validation accuracy, but data.val_fraction={config.data.get('val_fraction')!r} "
+                "leaves no validation split; give it one (0 < data.val_fraction < 1): the test "
+                "split is never tuned on",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(2)
         uri, artifacts = resolve_store(config.tracking.uri, os.getcwd())
         mlflow.set_tracking_uri(uri)
         experiment_id = ensure_experiment(config.tracking.experiment, artifacts)
@@ -75,7 +88,26 @@ class MlflowSweepCallback(Callback):
         atexit.register(self._close, "FAILED")
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        self._record_best(Path(config.hydra.sweep.dir) / "optimization_results.yaml")
         self._close("FINISHED")
+
+    def _record_best(self, results: Path) -> None:
+        """A search's result (the Optuna sweeper's optimization_results.yaml): said on
+        stdout and kept on the parent run, as tags and the file itself."""
+        run_id = getattr(self, "parent_run_id", None)
+        if not run_id or not results.is_file():
+            return
+        import mlflow  # noqa: PLC0415
+        from omegaconf import OmegaConf  # noqa: PLC0415
+
+        found = OmegaConf.to_container(OmegaConf.load(results))
+        overrides = " ".join(f"{k}={v}" for k, v in found.get("best_params", {}).items())
+        value = found.get("best_value")
+        client = mlflow.MlflowClient(tracking_uri=self.uri)
+        client.set_tag(run_id, "gpucnn.best_value", str(value))
+        client.set_tag(run_id, "gpucnn.best_overrides", overrides)
+        client.log_artifact(run_id, str(results))
+        print(f"gpucnn: best validation accuracy {value} with: {overrides}", flush=True)
 
     def _close(self, status: str) -> None:
         import mlflow  # noqa: PLC0415

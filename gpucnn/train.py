@@ -127,6 +127,7 @@ def run(cfg: DictConfig, world: Any = None) -> float:
     resumption = None
     if config.get("resume") == "":  # resume=$RUN with $RUN unset: not a fresh run
         raise ValueError("resume= is empty; give a run id or a checkpoint file")
+    _check_search(config, hydra_cfg)
     if config.get("resume"):
         resumption, (backend, dataset, model, optimizer, digest), (uri, artifacts) = (
             _prepare_resumed(config, hydra_cfg, mlflow)
@@ -192,7 +193,21 @@ def run(cfg: DictConfig, world: Any = None) -> float:
             raise
         mlflow.set_tag(RESUMABLE_TAG, "false")  # it FINISHED
     summary(run_id, config, result, dataset.sizes(), checkpoints.path, uri, backend.name)
-    return result.test["test_accuracy"]
+    # What a sweeper optimises: the last epoch's validation accuracy, never the test's.
+    validation = result.history.get("val_accuracy") or [float("nan")]
+    return validation[-1]
+
+
+def _check_search(config: dict[str, Any], hydra_cfg: Any) -> None:
+    """A search optimises the validation accuracy: without a validation split it is
+    refused before anything runs."""
+    sweeper = str(hydra_cfg.get("sweeper", {}).get("_target_", ""))
+    if "optuna" in sweeper.lower() and not config["data"].get("val_fraction"):
+        raise ValueError(
+            f"a search (hydra/sweeper=optuna) maximises the validation accuracy, but "
+            f"data.val_fraction={config['data'].get('val_fraction')!r} leaves no validation "
+            "split; give it one (0 < data.val_fraction < 1): the test split is never tuned on"
+        )
 
 
 def _prepare_resumed(config: dict[str, Any], hydra_cfg: Any, mlflow: Any) -> tuple:
