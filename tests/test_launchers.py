@@ -124,3 +124,37 @@ def test_submitits_warning_signal_stops_a_job_resumably(tmp_path):
     resumed = train(tmp_path, f"resume={child.info.run_id}")  # what a requeued job runs
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert client_for(tmp_path).get_run(child.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_sweep_through_a_local_ray_runs_one_mlflow_run_per_job(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="the scale extra is missing")
+    result = train(
+        tmp_path,
+        "-m",
+        "experiment=digits",
+        "backend=numpy",
+        "trainer.epochs=1",
+        "optimizer.lr=0.001,0.003",
+        "hydra/launcher=ray_local",  # Ray started by the launcher, 2 CPUs
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = all_runs(client_for(tmp_path))
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 3 and len(children) == 2
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(c.info.run_name for c in children) == [
+        "optimizer.lr=0.001",
+        "optimizer.lr=0.003",
+    ]
+
+
+def test_the_ray_cluster_preset_joins_a_running_cluster():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="config", overrides=["hydra/launcher=ray_cluster"], return_hydra_config=True
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("RayLauncher")
+    assert launcher.ray.init.address == "auto" and launcher.ray.remote.num_cpus == 1
