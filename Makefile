@@ -3,9 +3,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# `make test` needs every extra its tests use (MPI, launchers, the PostgreSQL driver);
+# `make train` only the training app's.
 EXTRAS ?= dev,train,distributed,scale
+TRAIN_EXTRAS ?= train
 comma := ,
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+stamp = $(VENV)/.installed-$(subst $(comma),+,$(1))
+STAMP := $(call stamp,$(EXTRAS))
+TRAIN_STAMP := $(call stamp,$(TRAIN_EXTRAS))
 # Arguments passed through to the training app, e.g. `make train ARGS="trainer.epochs=5"`.
 ARGS ?=
 
@@ -13,11 +18,13 @@ ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# One stamp per set of extras installed (.installed-dev+train+...): the set comes back
+# from the stamp's name.
+$(VENV)/.installed-%: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "gpucnn needs Python >= 3.10; found " + sys.version.split()[0] + " (set PYTHON=...)")'
-	$(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(subst +,$(comma),$*)]'
 	@touch $@
 
 lint: $(STAMP)
@@ -30,10 +37,10 @@ test: lint
 test-fast: lint
 	$(PY) -m pytest -m "not slow"
 
-train: $(STAMP)
+train: $(TRAIN_STAMP)
 	$(PY) -m gpucnn.train experiment=digits $(ARGS)
 
-explain: $(STAMP)
+explain: $(TRAIN_STAMP)
 	$(PY) -m gpucnn.explain
 
 # Full side-by-side benchmark (install torch for the reference: make venv EXTRAS=dev,train,bench).
