@@ -266,16 +266,18 @@ def _train(
             model,
             optimizer,
             dataset,
-            epochs=trainer["epochs"],
-            batch_size=trainer["batch_size"],
-            seed=trainer["seed"],
-            log_every=trainer["log_every"],
+            **_loop_settings(trainer),
             kernels_every=trainer["kernels_every"],
             tracker=tracker,
             split_batches=split_batches,
             checkpoints=checkpoints,
             resume=resumption.progress if resumption else None,
         )
+
+
+def _loop_settings(trainer: dict[str, Any]) -> dict[str, Any]:
+    """The trainer settings fit takes as they are (the same on every MPI rank)."""
+    return {key: trainer[key] for key in ("epochs", "batch_size", "seed", "log_every")}
 
 
 def _resumed_model(
@@ -591,10 +593,7 @@ def _follow(world: Any) -> int:
                     MpiSplit(BatchSplit(model) if split_batches else model, world),
                     optimizer,
                     dataset,
-                    epochs=trainer["epochs"],
-                    batch_size=trainer["batch_size"],
-                    seed=trainer["seed"],
-                    log_every=trainer["log_every"],
+                    **_loop_settings(trainer),
                     kernels_every=0,
                     progress=False,
                     resume=progress,
