@@ -172,9 +172,9 @@ def run(cfg: DictConfig, world: Any = None) -> float:
             _log_outputs(tracker, model, result, output_dir)
             _write_report(run_id, output_dir, "FINISHED")
         except TrainingStopped as stop:
-            if stop.checkpoint is not None:  # SIGTERM leaves seconds: the report first
+            _end_stopped(mlflow, run_id, stop)  # marked first: the grace may end any time
+            if stop.checkpoint is not None:  # then the report, if the stop leaves time
                 _write_report(run_id, output_dir, "KILLED")
-            _end_stopped(mlflow, run_id, stop)
             stop.run_id, stop.hint = run_id, resume_hint(run_id, config)
             raise
         except KeyboardInterrupt:
