@@ -405,8 +405,8 @@ def _layer_cell(layer: Any, out: np.ndarray) -> str:
 def _confusion_section(
     y: np.ndarray, predictions: np.ndarray, classes: int, names: list[str], data: Any
 ) -> str:
-    confusion = np.zeros((classes, classes), dtype=np.int64)
-    np.add.at(confusion, (y.astype(int), predictions.astype(int)), 1)
+    pairs = y.astype(np.int64) * classes + predictions.astype(np.int64)
+    confusion = np.bincount(pairs, minlength=classes**2).reshape(classes, classes)
     rows_total = np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     header = "".join(f"<th>{html.escape(n)}</th>" for n in names[:classes])
     body = []

@@ -527,7 +527,8 @@ def main(cfg: DictConfig) -> float:
 def _world(cfg: DictConfig) -> Any:
     """The MPI world for distributed=mpi (None otherwise); refused on CuPy (no NCCL yet),
     and distributed=none is refused in a job an MPI launcher started several times."""
-    if str(cfg.get("distributed", "none")) in ("none", "Distributed.none"):
+    chosen = to_containers(OmegaConf.masked_copy(cfg, ["distributed", "backend"]))
+    if chosen.get("distributed", "none") == "none":
         launched = _launched_processes()
         if launched > 1:
             rank = int(os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
@@ -538,7 +539,7 @@ def _world(cfg: DictConfig) -> Any:
                 "distributed=none: add distributed=mpi (else each would train alone)"
             )
         return None
-    if str(cfg.get("backend")).endswith("cupy"):
+    if chosen.get("backend") == "cupy":
         raise ValueError(
             "distributed=mpi with backend=cupy needs NCCL, which gpucnn does not support "
             "yet; use backend=numpy"

@@ -262,18 +262,18 @@ def load_dataset(
     if name not in LOADERS:
         raise DataError(f"dataset {name!r} is not known; allowed: {', '.join(DATASETS)}")
     options = DataOptions(
-        path,
-        val_fraction,
-        test_fraction,
-        seed,
-        n_per_class,
-        noise,
-        normalize,
-        cache_dir,
-        url,
-        download,
-        crop_padding,
-        flip,
+        path=path,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        n_per_class=n_per_class,
+        noise=noise,
+        normalize=normalize,
+        cache_dir=cache_dir,
+        url=url,
+        download=download,
+        crop_padding=crop_padding,
+        flip=flip,
     )
     padding = options.crop_padding
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:

@@ -95,31 +95,30 @@ def _why(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}" if not str(err).startswith("[Errno") else str(err)
 
 
+# The MNIST family's four files (Fashion-MNIST uses the same names), each may be gzipped.
+MNIST_FILES = {
+    "x_train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
+    "y_train": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
+    "x_test": ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
+    "y_test": ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
+}
+
+
 def _find(directory: Path, stems: tuple[str, ...]) -> Path:
-    for stem in stems:
-        for candidate in (directory / stem, directory / f"{stem}.gz"):
-            if candidate.is_file():
-                return candidate
-    raise DataError(
-        f"data.path {str(directory)!r} has no {stems[0]} (looked for {', '.join(stems)}, "
-        "optionally .gz)"
-    )
+    found = _found(directory, stems)
+    if found is None:
+        raise DataError(
+            f"data.path {str(directory)!r} has no {stems[0]} (looked for {', '.join(stems)}, "
+            "optionally .gz)"
+        )
+    return found
 
 
 def load_idx_dir(path: str | Path) -> dict[str, np.ndarray]:
     directory = Path(path)
     if not directory.is_dir():
         raise DataError(f"data.path {str(directory)!r} is not a directory of IDX files")
-    arrays = {
-        "x_train": read_idx(
-            _find(directory, ("train-images-idx3-ubyte", "train-images.idx3-ubyte"))
-        ),
-        "y_train": read_idx(
-            _find(directory, ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"))
-        ),
-        "x_test": read_idx(_find(directory, ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"))),
-        "y_test": read_idx(_find(directory, ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"))),
-    }
+    arrays = {key: read_idx(_find(directory, stems)) for key, stems in MNIST_FILES.items()}
     for split in ("train", "test"):
         if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
             raise DataError(
@@ -167,15 +166,6 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "wb") as handle:
         handle.write(header + array.astype(dtype).tobytes())
-
-
-# The MNIST family's four files (Fashion-MNIST uses the same names), each may be gzipped.
-MNIST_FILES = {
-    "x_train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
-    "y_train": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
-    "x_test": ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
-    "y_test": ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
-}
 
 
 def has_mnist_files(folder: Path) -> bool:

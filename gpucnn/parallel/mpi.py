@@ -14,10 +14,11 @@ applies the same update, so the parameters stay identical. Losses and the head's
 rank's runner (by default a BatchSplit of the model, which may cut the rank's shard over
 threads or worker processes), and ``fit`` follows ``.model`` down to the Sequential.
 
-A rank whose computation raises does not leave the others waiting: every step starts
-with a small all-reduce of a status word, so at the next step all ranks learn which rank
-failed and with what error, and all raise :class:`RankFailed`. A stop requested by a
-signal (SIGTERM on any rank) is agreed the same way, so all ranks stop at the same step.
+A rank whose computation raises does not leave the others waiting: its error travels
+with the step's own exchanges (the loss allgather, and a small allgather after the
+backward pass), so all ranks learn which rank failed and with what error, and all raise
+:class:`RankFailed` at the same point. A stop requested by a signal (SIGTERM or SIGUSR2
+on any rank) rides the second exchange and is honoured by every rank at the next step.
 
 mpi4py is imported only when a World is made: nothing here needs it otherwise. NCCL for
 CuPy arrays is not written yet; a CuPy model is refused.
@@ -30,6 +31,8 @@ import os
 import sys
 from collections.abc import Iterator
 from typing import Any
+
+import numpy
 
 from gpucnn.array import threads
 from gpucnn.array.backend import Array, is_gpu, to_host
@@ -163,7 +166,7 @@ class MpiSplit:
         _raise_first_failure(gathered, error)
         total = sum(loss for _, loss, _ in gathered)  # Σ_r share_r * mean_r, in rank order
         self.last_output = self.xp.asarray(
-            _concatenate([o for _, _, o in gathered if o is not None]),
+            numpy.concatenate([o for _, _, o in gathered if o is not None]),
             dtype=self.sequential.dtype,
         )
         value = self.xp.asarray(total, dtype=self.sequential.dtype)
@@ -176,8 +179,6 @@ class MpiSplit:
         """The whole batch's gradients: this rank's shard-mean gradients weighted by its
         share, packed into one buffer, summed over the ranks by one Allreduce (after a
         small exchange of errors and stop requests)."""
-        import numpy  # noqa: PLC0415 - the buffer the collective sums
-
         names = list(self.sequential.params)
         error, flat = None, None
         try:
@@ -217,9 +218,3 @@ def _raise_first_failure(gathered: list[tuple], error: BaseException | None) -> 
     for rank, entry in enumerate(gathered):
         if entry[0] is not None:
             raise RankFailed(rank, entry[0]) from error
-
-
-def _concatenate(parts: list[Any]) -> Any:
-    import numpy  # noqa: PLC0415 - host buffers of the collectives
-
-    return numpy.concatenate(parts)
