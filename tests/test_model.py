@@ -163,6 +163,27 @@ def test_backward_is_the_gradient_of_the_last_loss_with_or_without_penalty(rng):
         np.testing.assert_allclose(full_grads[key], data_grads[key] + extra, err_msg=key)
 
 
+@pytest.mark.parametrize("penalty", [False, True])
+def test_backward_with_a_scale_is_the_gradient_of_the_scaled_loss(penalty, rng):
+    """backward(scale=s) gives d(s * loss)/d params, the L2 term included: checked
+    against finite differences of s times the loss."""
+    model = Sequential(
+        [Conv2D(2, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(3)],
+        SoftmaxCrossEntropy(),
+        (2, 6, 6),
+        dtype="float64",
+        seed=4,
+        l2=0.2,
+    )
+    x, y = rng.standard_normal((5, 2, 6, 6)), rng.integers(0, 3, 5)
+    scale = 0.375
+    model.loss(x, y, penalty=penalty)
+    scaled = {k: v.copy() for k, v in model.backward(scale=scale).items()}
+    for key, param in model.params.items():
+        numeric = numerical_gradient(lambda: scale * float(model.loss(x, y, penalty)), param)
+        assert_close(scaled[key], numeric, what=key)
+
+
 def test_a_replica_shares_parameters_but_not_caches(rng):
     model = Sequential(
         [Conv2D(2, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(2)],

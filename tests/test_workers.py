@@ -170,7 +170,7 @@ def test_an_error_in_a_worker_is_raised_here_with_its_message(two_slices, rng):
     split = BatchSplit(build("softmax"))
     split.loss(rng.standard_normal((64, 3, 9, 9)), rng.integers(0, 3, 64))
     (worker,) = workers.running(split.remote_slices)
-    worker.send(("no-such-request", "key", None, worker.inputs.size, None, 0, None))
+    worker.send(("no-such-request", "key", None, worker.inputs.size, None, 0, None, 1.0, False))
     with pytest.raises(workers.WorkerError, match="unknown request 'no-such-request'"):
         worker.receive()
 
@@ -198,8 +198,12 @@ def test_a_worker_that_cannot_start_hands_over_to_threads(two_slices, monkeypatc
 
 
 def test_a_worker_that_dies_between_forward_and_backward_is_an_error(two_slices, rng):
+    """Outside training (a loss() that was not followed by backward() came before), the
+    worker computes a forward only: if it dies then, its slice's gradients are lost."""
+    x, labels = rng.standard_normal((64, 3, 9, 9)), rng.integers(0, 3, 64)
     split = BatchSplit(build("softmax"))
-    split.loss(rng.standard_normal((64, 3, 9, 9)), rng.integers(0, 3, 64))
+    split.loss(x, labels)
+    split.loss(x, labels)  # forward only: the previous loss() had no backward()
     (worker,) = workers.running(split.remote_slices)
     os.kill(worker.process.pid, signal.SIGKILL)
     worker.process.wait()
@@ -209,6 +213,21 @@ def test_a_worker_that_dies_between_forward_and_backward_is_an_error(two_slices,
     ):
         split.backward()
     assert not workers.usable()
+
+
+def test_a_training_step_has_its_gradients_before_loss_returns(two_slices, monkeypatch, rng):
+    """In training (each loss() followed by backward()), loss() gets every slice's
+    gradients: a worker that dies after it leaves backward() exact, and the next step
+    hands over to threads."""
+    x, labels, split, whole, worker = after_one_step(rng)
+    loss = float(split.loss(x, labels))
+    os.kill(worker.process.pid, signal.SIGKILL)
+    worker.process.wait()
+    grads = {k: v.copy() for k, v in split.backward().items()}
+    assert_same((loss, grads, split.last_output), unsplit(whole, x, labels))
+    with pytest.warns(RuntimeWarning, match=r"worker process \d+ exited with code -9"):
+        assert_same(step(split, x, labels), unsplit(whole, x, labels))
+    assert split.remote_slices == 0
 
 
 def run_script(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -300,9 +319,10 @@ def test_the_blas_share_reaches_the_workers_environment(monkeypatch):
 
 
 def test_a_failure_while_writing_gradients_ahead_is_reported_once_by_backward(rng):
-    """The worker answers a forward, then writes that slice's gradients ahead: if that
-    fails it must not send a second reply (the parent would pair every later reply with
-    the wrong request); the backward request reports the failure instead."""
+    """In training the worker writes a slice's gradients before it answers the forward:
+    if that fails, the forward's answer says they are not ready (one answer per request,
+    or the parent would pair every later reply with the wrong request), and the backward
+    request the parent then sends reports the failure."""
     from gpucnn.parallel.serve import _ModelCopies
 
     model = build("softmax")
@@ -315,8 +335,8 @@ def test_a_failure_while_writing_gradients_ahead_is_reported_once_by_backward(rn
     views = {"x": x, "labels": labels, **{f"param/{k}": v for k, v in model.params.items()}}
     copies.forward("key", model.config(), views, grads_at)
     held = copies.models["key"]
-    held.backward = lambda: (_ for _ in ()).throw(MemoryError("no room for gradients"))
-    copies.gradients_ahead("key")  # swallowed: the forward was answered already
+    held.backward = lambda scale: (_ for _ in ()).throw(MemoryError("no room for gradients"))
+    assert copies.gradients_ahead("key") is False  # swallowed: the forward still answers
     with pytest.raises(MemoryError, match="no room"):
         copies.backward("key")  # ...and reported here, in answer to the backward
     del held.backward  # it works again: the gradients are written and equal the unsplit

@@ -171,11 +171,23 @@ def blas_threads_per_slice(slices: int) -> int:
     return max(1, min(settings().cpus // slices, budget))
 
 
-def blas_share(slices: int) -> Any:
+@contextlib.contextmanager
+def blas_share(slices: int) -> Iterator[None]:
     """Context: BLAS limited to this process's share of the cores while ``slices`` run
-    (never more threads than the user had set)."""
-    blas = blas_controller()
+    (never more threads than the user had set), then set back.
+
+    Through each library's own setter: threadpoolctl's ``limit()`` surveys every
+    library on each call, about 25 us, and a training step enters this once or twice.
+    """
+    libraries = blas_controller().lib_controllers
     share = max(1, settings().cpus // slices)
-    return blas.limit(
-        limits={lib.filepath: min(share, lib.num_threads) for lib in blas.lib_controllers}
-    )
+    before = [lib.num_threads for lib in libraries]
+    for lib, count in zip(libraries, before, strict=True):
+        if count > share:
+            lib.set_num_threads(share)
+    try:
+        yield
+    finally:
+        for lib, count in zip(libraries, before, strict=True):
+            if count > share:
+                lib.set_num_threads(count)

@@ -212,19 +212,26 @@ class Sequential:
         params = self.params
         return {key: self.l2 * params[key] for key in self.decayed_params()}
 
-    def backward(self) -> dict[str, Array]:
-        """Backpropagate the last :meth:`loss`; fills and returns ``grads`` by name."""
+    def backward(self, scale: float = 1.0) -> dict[str, Array]:
+        """Backpropagate the last :meth:`loss`; fills and returns ``grads`` by name.
+
+        With ``scale``, the gradients of ``scale`` times that loss: a slice's share of a
+        batch (:class:`~gpucnn.parallel.split.BatchSplit`), applied once to the head's
+        small gradient instead of to every parameter's.
+        """
         if not self._loss_ready:
             raise RuntimeError("call loss(x, labels) before backward()")
         order = self.execution_order
         grad = self.head.backward()
+        if scale != 1.0:
+            grad = grad * scale
         for position in range(len(order) - 1, -1, -1):
             # The first layer's input gradient is never used: skip its col2im.
             grad = self.layers[order[position]]._backward(grad, need_input_grad=position > 0)
         grads = self.named_grads()
         if self._penalized:
             for key, value in self.penalty_gradients().items():
-                grads[key] = grads[key] + value
+                grads[key] = grads[key] + (value * scale if scale != 1.0 else value)
         self.grads = grads
         self._loss_ready = False
         return grads

@@ -12,37 +12,48 @@ from typing import Any
 
 from gpucnn.interrupts import STOP_SIGNALS
 from gpucnn.nn.model import Sequential
-from gpucnn.parallel.workers import MODELS_PER_WORKER, SharedFile, Spec
+from gpucnn.parallel.workers import (
+    MODELS_PER_WORKER,
+    SharedFile,
+    Spec,
+    wait_readable_after_spin,
+)
 
 
 def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
     """Answer requests on socket ``fd`` until the parent closes it.
 
-    After answering a forward request the worker goes straight on to that slice's
-    gradients, while the parent finishes its own slice, when the model's previous
-    forward was followed by a backward request (a training loop). Forward after forward
-    (evaluation) turns that off again after one wasted backward.
+    A forward request that asks for gradients (a training step) is answered once they
+    are written, so that a step costs the parent one wait and one message; a failure
+    while writing them is not an error of the forward, and the answer says they are
+    not ready (the parent then asks for them with a backward request, which reports it).
     """
     # Ctrl-C, SIGTERM and SIGUSR2 reach the whole process group: the parent decides (it
     # saves a checkpoint at the next step, which needs this worker alive until then).
     for number in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(number, signal.SIG_IGN)
     conn = Connection(fd)
+    readable = wait_readable_after_spin(fd)
     inputs, outputs = SharedFile(inputs_fd), SharedFile(outputs_fd)
     copies = _ModelCopies(outputs)
     conn.send(("ok", "ready"))
     while True:
         try:
-            request, key, config, inputs_size, inputs_at, outputs_size, grads_at = conn.recv()
+            readable()
+            message = conn.recv()
         except (EOFError, OSError):
             return
         try:
+            request, key, config, inputs_size, inputs_at, outputs_size, grads_at, scale, ahead = (
+                message
+            )
             inputs.resize(inputs_size, grow=False)
             outputs.resize(outputs_size, grow=False)
             if request == "forward":
-                reply = copies.forward(key, config, inputs.views(inputs_at), grads_at)
-                conn.send(("ok", reply))
-                copies.gradients_ahead(key)  # while the parent computes its own slice
+                views = inputs.views(inputs_at)
+                net, value = copies.forward(key, config, views, grads_at, scale)
+                ready = copies.gradients_ahead(key) if ahead else False
+                conn.send(("ok", (net, value, ready)))
             elif request == "backward":
                 copies.backward(key)
                 conn.send(("ok", None))
@@ -54,13 +65,12 @@ def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
 
 @dataclass
 class _SliceState:
-    """Where a model copy's gradients go, whether the parent asked for them since its last
-    forward, whether they are written, and whether to write them ahead (training)."""
+    """Where a model copy's gradients go, their scale, and whether they are written for
+    its last forward."""
 
     grads_at: dict[str, Spec]
-    asked: bool = False
+    scale: float = 1.0  # the gradients are those of scale x the slice's mean loss
     ready: bool = False
-    ahead: bool = True
 
 
 class _ModelCopies:
@@ -74,29 +84,32 @@ class _ModelCopies:
         self.state: dict[str, _SliceState] = {}
 
     def forward(
-        self, key: str, config: dict | None, views: dict[str, Any], grads_at: dict[str, Spec]
+        self,
+        key: str,
+        config: dict | None,
+        views: dict[str, Any],
+        grads_at: dict[str, Spec],
+        scale: float = 1.0,
     ) -> tuple[Any, float]:
         """(head input, mean loss without the L2 penalty) of the slice in ``views``, with
-        the parameters the parent sent beside it."""
+        the parameters the parent sent beside it; its gradients, once written, are those
+        of ``scale`` times that loss."""
         model = self._model(key, config)
-        before = self.state.get(key)
-        ahead = before.asked if before is not None else True
-        self.state[key] = _SliceState(grads_at, ahead=ahead)
+        self.state[key] = _SliceState(grads_at, scale)
         for name, value in self.live_params[key].items():
             value[...] = views[f"param/{name}"]
         value = float(model.loss(views["x"], views["labels"], penalty=False))
         return model.last_output, value
 
-    def gradients_ahead(self, key: str) -> None:
-        """Write the last forward's gradients now if a backward is expected. Never
-        raises: the forward is answered already, and a second answer to one request
-        would pair every later reply with the wrong request. A failure here happens
-        again, and is reported, when the parent asks for these gradients."""
-        if self.state[key].ahead:
-            try:
-                self._write_gradients(key)
-            except Exception:  # noqa: BLE001 - see above
-                self.state[key].ready = False
+    def gradients_ahead(self, key: str) -> bool:
+        """Write the last forward's gradients now (a training step); whether that
+        worked. Never raises: the forward's answer is still to be sent, and a failure
+        here happens again, and is reported, when the parent asks for these gradients."""
+        try:
+            self._write_gradients(key)
+        except Exception:  # noqa: BLE001 - see above
+            self.state[key].ready = False
+        return self.state[key].ready
 
     def backward(self, key: str) -> None:
         """Make sure the last forward's gradients are in the shared file."""
@@ -104,7 +117,6 @@ class _ModelCopies:
             raise RuntimeError(f"backward for model {key} without its forward")
         if not self.state[key].ready:
             self._write_gradients(key)
-        self.state[key].asked = True
 
     def _model(self, key: str, config: dict | None) -> Sequential:
         if key not in self.models:
@@ -121,6 +133,6 @@ class _ModelCopies:
 
     def _write_gradients(self, key: str) -> None:
         views = self.outputs.views(self.state[key].grads_at)
-        for name, value in self.models[key].backward().items():
+        for name, value in self.models[key].backward(scale=self.state[key].scale).items():
             views[name][...] = value
         self.state[key].ready = True

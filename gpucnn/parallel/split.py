@@ -24,7 +24,7 @@ share of the cores, there is one slice and the wrapper is the model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import wait
 from typing import Any, TypeVar
 
@@ -58,6 +58,10 @@ class BatchSplit:
         self._replicas: list[Sequential] = []  # one per slice computed in this process
         self._penalized = False
         self._loss_ready = False
+        # Training alternates loss() and backward(): while it does, a step in worker
+        # processes computes every slice's gradients inside loss() (see _step_in_workers).
+        self._followed_by_backward = True
+        self._ahead: _GradientsAhead | None = None
 
     @property
     def params(self) -> dict[str, Array]:
@@ -128,12 +132,14 @@ class BatchSplit:
         x = model.prepare_input(x)
         labels = model.prepare_labels(labels, x.shape[0])  # checked whole, before any split
         slices, helpers = self._slices_for(x.shape[0])
+        self._ahead = None
+        with_gradients, self._followed_by_backward = self._followed_by_backward, False
         if len(slices) == 1:  # the common case on CuPy and for small batches: no bookkeeping
             self.slices, self.remote_slices = slices, 0
             value = self._replicas[0].data_loss(x, labels)
             model.last_output = self._replicas[0].last_output
         else:
-            value = self._loss_in_slices(x, labels, slices, helpers)
+            value = self._loss_in_slices(x, labels, slices, helpers, with_gradients)
         self._penalized = bool(penalty and model.l2)
         if self._penalized:
             value = value + model.penalty()
@@ -141,10 +147,15 @@ class BatchSplit:
         return value
 
     def _loss_in_slices(
-        self, x: Array, labels: Array, slices: list[slice], helpers: list[workers.Worker] | None
+        self,
+        x: Array,
+        labels: Array,
+        slices: list[slice],
+        helpers: list[workers.Worker] | None,
+        with_gradients: bool,
     ) -> Array:
         """The mean data loss of a batch cut in several slices (and the model's
-        ``last_output``)."""
+        ``last_output``); in worker processes ``with_gradients``, the gradients too."""
 
         def forward_part(k: int, part: slice) -> tuple[Array, Array]:
             replica = self._replicas[k]
@@ -154,7 +165,7 @@ class BatchSplit:
         self.remote_slices, results = 0, None
         if helpers is not None:
             try:
-                results = self._forward_in_workers(helpers, slices, forward_part, x, labels)
+                results = self._step_in_workers(helpers, slices, x, labels, with_gradients)
                 self.remote_slices = len(helpers)
             except workers.WorkerError as err:  # a worker died: threads take over
                 workers.disable(str(err))
@@ -175,11 +186,14 @@ class BatchSplit:
             raise RuntimeError("call loss(x, labels) before backward()")
         model = self.model
 
+        weights = slice_weights(self.slices)
+
         def backward_part(k: int, part: slice) -> list[dict[str, Array]]:
             replica = self._replicas[k]
-            replica.backward()
+            replica.backward(scale=weights[k])  # its share of the batch's gradients
             return [layer.grads for layer in replica.layers]
 
+        self._followed_by_backward = True
         if len(self.slices) == 1:  # the whole batch on one replica: its gradients as they are
             replica = self._replicas[0]
             grads = dict(replica.backward())
@@ -191,11 +205,9 @@ class BatchSplit:
                 results = self._backward_in_workers(helpers, backward_part)
             else:
                 results = run_slices(self.slices, backward_part)
-            weights = slice_weights(self.slices)
-            for i, layer in enumerate(model.layers):  # weighted sums, into the model's layers
+            for i, layer in enumerate(model.layers):  # the slices' sums, into the model's layers
                 layer.grads = {
-                    key: sum(w * part[i][key] for w, part in zip(weights, results, strict=True))
-                    for key in results[0][i]
+                    key: _total(part[i][key] for part in results) for key in results[0][i]
                 }
             grads = model.named_grads()
         if self._penalized:
@@ -206,44 +218,91 @@ class BatchSplit:
         return grads
 
     # -- worker processes ------------------------------------------------------------
-    def _forward_in_workers(
+    def _step_in_workers(
         self,
         helpers: list[workers.Worker],
         slices: list[slice],
-        forward_part: Callable[[int, slice], tuple[Array, Array]],
         x: Array,
         labels: Array,
+        with_gradients: bool,
     ) -> list[tuple[Array, Array]]:
+        """[(head input, mean loss)] of each slice, slice 0 here and the others in
+        ``helpers``. ``with_gradients`` (training), every slice's gradients are computed
+        here too, before the workers' answers are read: then each worker answers once per
+        step, after its gradients are written, and this process waits once (each message
+        and each wait costs tens of microseconds on a VM)."""
         model = self.model
-
-        def send(k: int, part: slice) -> None:
-            workers.send_forward(helpers[k - 1], self, model, x[part], labels[part])
-
-        def receive(k: int) -> tuple[Array, Array]:
-            net, value = helpers[k - 1].receive()
-            return net, model.backend.xp.asarray(value, dtype=model.dtype)
-
-        return run_slices_remote(slices, forward_part, send, receive)
+        replica = self._replicas[0]
+        weights = slice_weights(slices)
+        with threads.blas_share(len(slices)):
+            for k in range(1, len(slices)):
+                part = slices[k]
+                workers.send_forward(
+                    helpers[k - 1], self, model, x[part], labels[part], weights[k], with_gradients
+                )
+            with threads.running_slice():
+                own = slices[0]
+                value = replica.data_loss(x[own], labels[own])
+                own_grads = None
+                if with_gradients:
+                    replica.backward(scale=weights[0])
+                    own_grads = [layer.grads for layer in replica.layers]
+            answers = [helpers[k - 1].receive() for k in range(1, len(slices))]
+        self._ahead = _GradientsAhead(own_grads, [ready for _, _, ready in answers])
+        results = [(replica.last_output, value)]
+        for net, part_loss, _ in answers:
+            results.append((net, model.backend.xp.asarray(part_loss, dtype=model.dtype)))
+        return results
 
     def _backward_in_workers(
         self,
         helpers: list[workers.Worker],
         backward_part: Callable[[int, slice], list[dict[str, Array]]],
     ) -> list[list[dict[str, Array]]]:
+        """Each slice's gradients per layer: those computed ahead by the last loss(),
+        the others computed now (a worker gets a backward request for them)."""
         layers = self.model.layers
+        ahead = self._ahead or _GradientsAhead(None, [False] * len(helpers))
+        self._ahead = None
 
-        def send(k: int, part: slice) -> None:
-            workers.send_backward(helpers[k - 1], self)
-
-        def receive(k: int) -> list[dict[str, Array]]:
-            grads = workers.receive_backward(helpers[k - 1], self)  # views: summed above
+        def remote(k: int) -> list[dict[str, Array]]:
+            grads = workers.gradients(helpers[k - 1], self)  # views: summed by the caller
             return [{key: grads[f"{layer.name}.{key}"] for key in layer.params} for layer in layers]
 
         try:
-            return run_slices_remote(self.slices, backward_part, send, receive)
+            for k, ready in enumerate(ahead.remote_ready, start=1):
+                workers.check_held(helpers[k - 1], self)
+                if not ready:
+                    workers.send_backward(helpers[k - 1], self)
+            own = ahead.own
+            if own is None:
+                with threads.blas_share(len(self.slices)), threads.running_slice():
+                    own = backward_part(0, self.slices[0])
+            for k, ready in enumerate(ahead.remote_ready, start=1):
+                if not ready:
+                    helpers[k - 1].receive()
+            return [own, *(remote(k) for k in range(1, len(self.slices)))]
         except workers.WorkerError as err:  # its slice's forward state is gone with it
             workers.disable(str(err))
             raise
+
+
+class _GradientsAhead:
+    """What the last loss() computed of the step's gradients: this process's slice's per
+    layer (or None), and whether each worker has written its slice's."""
+
+    def __init__(self, own: list[dict[str, Array]] | None, remote_ready: list[bool]) -> None:
+        self.own = own
+        self.remote_ready = remote_ready
+
+
+def _total(arrays: Iterable[Array]) -> Array:
+    """The sum of a few arrays, as one new array."""
+    parts = iter(arrays)
+    total = next(parts) + next(parts, 0)
+    for part in parts:
+        total += part
+    return total
 
 
 def slice_weights(slices: list[slice]) -> list[float]:
@@ -295,23 +354,6 @@ def run_slices(slices: list[slice], body: Callable[[int, slice], T]) -> list[T]:
         finally:
             wait(futures)
         return [first, *(future.result() for future in futures)]
-
-
-def run_slices_remote(
-    slices: list[slice],
-    body: Callable[[int, slice], T],
-    send: Callable[[int, slice], None],
-    receive: Callable[[int], T],
-) -> list[T]:
-    """Like :func:`run_slices`, with slices k >= 1 run elsewhere (worker processes):
-    ``send(k, part)`` hands each one over, slice 0 runs here as ``body(0, part)``, then
-    ``receive(k)`` collects the others in order. BLAS here keeps to its share of the
-    cores meanwhile."""
-    with threads.blas_share(len(slices)):
-        for k in range(1, len(slices)):
-            send(k, slices[k])
-        first = _run_slice(body, 0, slices[0])
-        return [first, *(receive(k) for k in range(1, len(slices)))]
 
 
 def _run_slice(body: Callable[[int, slice], T], k: int, part: slice) -> T:

@@ -33,14 +33,17 @@ import atexit
 import math
 import mmap
 import os
+import select
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -98,6 +101,7 @@ class Worker:
         finally:
             child_end.close()
         self.conn = Connection(parent_end.detach())
+        self._readable = wait_readable_after_spin(self.conn.fileno())
         # The model copies the worker holds, mirrored: both sides apply the same
         # least-recently-used rule to the same sequence of forward requests. Each has a
         # region of ``outputs`` for its gradients: (offset, bytes, where each goes).
@@ -133,6 +137,7 @@ class Worker:
 
     def _receive(self, raise_errors: bool = True) -> Any:
         try:
+            self._readable()
             status, payload = self.conn.recv()
         except (EOFError, OSError) as err:
             raise self._died(err) from None
@@ -191,6 +196,30 @@ class Worker:
             self.process.wait()
         self.inputs.close()
         self.outputs.close()
+
+
+# How long a process polls its socket before it sleeps in the kernel. Waking a sleeping
+# process costs both sides tens of microseconds on a VM, several times per step: LeNet
+# steps at batch 64 took about 5% longer without the spin (docs/performance.md). The
+# waits it covers are short (the other slice's last part, the parent's step between
+# two batches); a longer one, such as an evaluation, sleeps after this.
+SPIN_SECONDS = 0.002
+
+
+def wait_readable_after_spin(fd: int, spin_seconds: float = SPIN_SECONDS) -> Callable[[], None]:
+    """A function that returns once ``fd`` has data to read (or is closed): it polls
+    without sleeping for up to ``spin_seconds``, then sleeps until then."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+
+    def wait() -> None:
+        deadline = time.perf_counter() + spin_seconds
+        while not poller.poll(0):
+            if time.perf_counter() > deadline:
+                poller.poll()
+                return
+
+    return wait
 
 
 ALIGN = 64
@@ -325,11 +354,22 @@ def slot_key(owner: Any) -> str:
     return key
 
 
-def send_forward(worker: Worker, owner: Any, model: Any, x: Any, labels: Any) -> None:
+def send_forward(
+    worker: Worker,
+    owner: Any,
+    model: Any,
+    x: Any,
+    labels: Any,
+    scale: float = 1.0,
+    with_gradients: bool = False,
+) -> None:
     """Ask ``worker`` for the head input and mean loss (no L2 penalty) of ``model`` on
     (x, labels), with ``model``'s current parameters, in the slot of ``owner``;
-    ``worker.receive()`` then gives (head input, mean loss). ``model`` needs only
-    ``params`` and ``config()``."""
+    ``worker.receive()`` then gives (head input, mean loss, whether the gradients are
+    written). The gradients, when asked for, are those of ``scale`` times that loss
+    (the slice's share of a batch). ``with_gradients``, the worker writes them before it
+    answers (read them with :func:`gradients`). ``model`` needs only ``params`` and
+    ``config()``."""
     worker.drain()  # the worker reads the inputs file until it answers: let it finish
     key = slot_key(owner)
     params = model.params
@@ -351,23 +391,43 @@ def send_forward(worker: Worker, owner: Any, model: Any, x: Any, labels: Any) ->
     for name, value in params.items():
         views[f"param/{name}"][...] = value
     config = None if known else model.config()
-    worker.send(("forward", key, config, worker.inputs.size, inputs, worker.outputs.size, grads_at))
+    worker.send(
+        (
+            "forward",
+            key,
+            config,
+            worker.inputs.size,
+            inputs,
+            worker.outputs.size,
+            grads_at,
+            scale,
+            with_gradients,
+        )
+    )
 
 
-def send_backward(worker: Worker, owner: Any) -> None:
-    """Ask for the gradients of ``owner``'s last forward request on ``worker`` (read them
-    with :func:`receive_backward`)."""
-    key = slot_key(owner)
-    if key not in worker.models:
+def check_held(worker: Worker, owner: Any) -> None:
+    """Raise if ``worker`` no longer holds ``owner``'s model copy (so neither its last
+    forward nor its gradients)."""
+    if slot_key(owner) not in worker.models:
         raise RuntimeError(
             f"the worker process no longer holds this model's slice (over "
             f"{MODELS_PER_WORKER} other models ran since its loss()); call loss() again"
         )
-    worker.send(("backward", key, None, worker.inputs.size, None, worker.outputs.size, None))
 
 
-def receive_backward(worker: Worker, owner: Any) -> dict[str, Any]:
-    """The slice's gradients by parameter name: views of the shared file, valid until
-    the next request in ``owner``'s slot."""
-    worker.receive()
+def send_backward(worker: Worker, owner: Any) -> None:
+    """Ask for the gradients of ``owner``'s last forward request on ``worker``; once it
+    answers, read them with :func:`gradients`."""
+    check_held(worker, owner)
+    key = slot_key(owner)
+    worker.send(
+        ("backward", key, None, worker.inputs.size, None, worker.outputs.size, None, 1.0, False)
+    )
+
+
+def gradients(worker: Worker, owner: Any) -> dict[str, Any]:
+    """The gradients of ``owner``'s last slice on ``worker``, by parameter name: views
+    of the shared file, valid until the next request in ``owner``'s slot."""
+    check_held(worker, owner)
     return worker.outputs.views(worker.models[slot_key(owner)][2])
