@@ -190,7 +190,7 @@ def test_batch_slices_policy(monkeypatch):
     ):
         assert split_module.batch_slices(np, 127, 64) == [slice(0, 127)]
         assert split_module.batch_slices(np, 129, 64) == [slice(0, 64), slice(64, 129)]
-        # The first slice can take more (for worker processes): 1/16 above an even share.
+        # The first slice can take more (for worker processes): here 1/16 above an even share.
         assert split_module.batch_slices(np, 256, 32, 1 / 16) == [slice(0, 136), slice(136, 256)]
         with threads.running_slice():  # a slice is never split again
             assert split_module.batch_slices(np, 1024, 64) == [slice(0, 1024)]

@@ -34,11 +34,12 @@ from gpucnn.nn.model import Sequential
 from gpucnn.parallel import workers
 
 T = TypeVar("T")
-# This process takes 1/16 more samples than an even share when the other slices go to
+# This process takes 1/32 more samples than an even share when the other slices go to
 # worker processes: it starts its slice at once, while a worker first wakes, reads the
-# request and later sends its answer. Measured on 2 cores (docs/performance.md): LeNet
-# steps at batch 64 and 256 about 10% faster than with even slices; 1/8 more was slower.
-OWN_SLICE_EXTRA = 1 / 16
+# request and copies the parameters in. Measured on 2 cores (docs/performance.md): with
+# one answer per training step, LeNet steps at batch 64 took 2.17 ms against 2.22 ms
+# with even slices and 2.23 ms with 1/16 more (the best share before).
+OWN_SLICE_EXTRA = 1 / 32
 
 
 class BatchSplit:
