@@ -21,6 +21,11 @@ travel through two memory files both processes map, unlinked files that disappea
 them; the socket carries only small messages. Through the socket alone a LeNet slice of
 32 samples cost about 0.25 ms per step, as much as the split saved.
 
+A training step costs one request and one answer: the forward request asks for the
+gradients too, and the worker answers once they are written (the parent computes its own
+slice's gradients meanwhile). Each message and each wake-up costs tens of microseconds
+on a VM, so both sides poll the socket for :data:`SPIN_SECONDS` before they sleep on it.
+
 Only the main thread uses workers, and only on POSIX. ``GPUCNN_BATCH_PROCESSES=0``
 turns them off (threads split the batch instead). A worker that fails to start or dies
 turns them off for the rest of the process, with one warning; the split then falls back
