@@ -106,6 +106,28 @@ def test_forward_only_calls_between_steps_stay_exact(two_slices, monkeypatch, rn
     assert_same(result, unsplit(whole, x, labels))
 
 
+def test_a_training_step_costs_one_request_and_one_answer(two_slices, monkeypatch, rng):
+    """Each message costs tens of microseconds on a VM: in training (loss() then
+    backward()) the worker gets one request per step and sends one answer; a forward-only
+    loss() then a backward() take two of each."""
+    x = rng.standard_normal((64, 3, 9, 9))
+    labels = rng.integers(0, 3, 64)
+    split = BatchSplit(build("softmax"))
+    sent, received = [], []
+    send, receive = workers.Worker.send, workers.Worker._receive
+    monkeypatch.setattr(workers.Worker, "send", lambda w, m: sent.append(m[0]) or send(w, m))
+    monkeypatch.setattr(
+        workers.Worker, "_receive", lambda w, **k: received.append(1) or receive(w, **k)
+    )
+    for _ in range(3):
+        step(split, x, labels)
+    assert sent == ["forward"] * 3 and len(received) == 3
+    split.loss(x, labels)  # evaluation-like: no backward() after it...
+    sent.clear(), received.clear()
+    step(split, x, labels)  # ...so this loss() asks for the loss only
+    assert sent == ["forward", "backward"] and len(received) == 2
+
+
 def test_two_models_share_a_worker(two_slices, monkeypatch, rng):
     x = rng.standard_normal((64, 3, 9, 9))
     labels = rng.integers(0, 3, 64)
