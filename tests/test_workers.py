@@ -113,6 +113,7 @@ def test_a_training_step_costs_one_request_and_one_answer(two_slices, monkeypatc
     x = rng.standard_normal((64, 3, 9, 9))
     labels = rng.integers(0, 3, 64)
     split = BatchSplit(build("softmax"))
+    step(split, x, labels)  # the worker starts (and says it is ready) before counting
     sent, received = [], []
     send, receive = workers.Worker.send, workers.Worker._receive
     monkeypatch.setattr(workers.Worker, "send", lambda w, m: sent.append(m[0]) or send(w, m))
