@@ -9,7 +9,10 @@ runs each slice in its own thread where workers cannot run. The model never know
 slice in a thread runs on a :meth:`~gpucnn.nn.model.Sequential.replica` that shares the
 parameters, a worker holds its own copy and gets the current parameters with each
 slice. The loss and gradients are the slices' values weighted by their share of the
-batch, equal to the unsplit ones up to float rounding.
+batch, equal to the unsplit ones up to float rounding. While ``loss()`` and
+``backward()`` alternate (training), a step in worker processes computes every slice's
+gradients inside ``loss()``, so that each worker answers once per step; ``backward()``
+then only adds them up.
 
 ``fit`` and ``evaluate`` wrap their model so by default; a library user gets the same in
 one line::
