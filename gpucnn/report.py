@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 
 from gpucnn.array.backend import BackendUnavailableError, get_backend, to_host
-from gpucnn.data import DataError, load_data, seed_patterns
+from gpucnn.data import DataError, Dataset, load_data, seed_patterns
 from gpucnn.evaluate import read_config
-from gpucnn.fit import KERNELS_FOLDER, batch_inputs
+from gpucnn.fit import KERNELS_FOLDER, batch_inputs, forward_batch_size
 from gpucnn.nn.model import Sequential, load_checkpoint
 from gpucnn.tracking import pictures
 from gpucnn.tracking.mlflow_store import resolve_store, store_error
@@ -54,6 +54,10 @@ MAPS_PER_LAYER = 8  # feature maps shown per layer and image
 MAX_EXAMPLES = 14  # test images walked through (one per class first)
 WORST = 4  # of them, the worst misclassified
 MISCLASSIFIED_SHOWN = 24
+# Test images per forward pass at most, and the im2col memory one may take (it runs
+# unsplit, at the end of a training run): 256 LeNet images, 28 through vgg_small.
+PREDICT_BATCH = 256
+PREDICT_COLUMN_BYTES = 64 << 20
 CURVES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 
 
@@ -105,10 +109,16 @@ def _kernel_snapshots(client: Any, run_id: str, into: Path) -> dict[int, dict[st
 
 
 def build_report(
-    run_id: str, out: Path, backend: str = "numpy", status: str | None = None
+    run_id: str,
+    out: Path,
+    backend: str = "numpy",
+    status: str | None = None,
+    data: Dataset | None = None,
 ) -> Report:
     """Build ``out`` (report.html) for ``run_id`` from the active tracking store;
-    ``status``: the one the run is ending with (the store still says RUNNING)."""
+    ``status``: the one the run is ending with (the store still says RUNNING). ``data``:
+    the run's dataset where it is in memory already (the training app's), so that it is
+    not loaded a second time beside it; else it is loaded as the run's config says."""
     import mlflow  # noqa: PLC0415
 
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # the app's output stays ours
@@ -148,7 +158,7 @@ def build_report(
                 snapshots = {-1: _final_kernels(model)}
             report.sections.append(_kernels_section(snapshots, report))
             config_path = _download(run_id, "config.yaml", scratch_path) or Path("missing")
-            _inside_sections(report, model, read_config(config_path, checkpoint))
+            _inside_sections(report, model, read_config(config_path, checkpoint), data)
     out.write_text(_html(report), encoding="utf-8")
     return report
 
@@ -273,12 +283,15 @@ def _kernels_section(snapshots: dict[int, dict[str, np.ndarray]], report: Report
     return "".join(parts)
 
 
-def _inside_sections(report: Report, model: Sequential, config: dict[str, Any]) -> None:
-    try:
-        data = load_data(config["data"])
-    except (DataError, ValueError) as err:
-        report.missing.append(f"the run's data could not be loaded ({err}): no images")
-        return
+def _inside_sections(
+    report: Report, model: Sequential, config: dict[str, Any], data: Dataset | None = None
+) -> None:
+    if data is None:
+        try:
+            data = load_data(config["data"])
+        except (DataError, ValueError) as err:
+            report.missing.append(f"the run's data could not be loaded ({err}): no images")
+            return
     if data.input_shape != model.input_shape:
         report.missing.append("the data's shape differs from the model's: no images")
         return
@@ -305,8 +318,9 @@ def _model_input(model: Sequential, inputs: Any, x: np.ndarray) -> Any:
 def _predict(model: Sequential, inputs: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (N, K) of every class, predicted classes) for a whole split."""
     probabilities = []
-    for start in range(0, len(x), 512):
-        net = model.forward(_model_input(model, inputs, x[start : start + 512]))
+    size = forward_batch_size(model, PREDICT_BATCH, PREDICT_COLUMN_BYTES)
+    for start in range(0, len(x), size):
+        net = model.forward(_model_input(model, inputs, x[start : start + size]))
         p = to_host(model.head.predict_proba(net))
         probabilities.append(np.stack([1 - p, p], axis=1) if p.ndim == 1 else p)
     probabilities = np.concatenate(probabilities)
@@ -551,14 +565,17 @@ def _html(report: Report) -> str:
     )
 
 
-def write_and_log(run_id: str, folder: Path, status: str | None = None) -> Path:
+def write_and_log(
+    run_id: str, folder: Path, status: str | None = None, data: Dataset | None = None
+) -> Path:
     """Build the run's report.html in ``folder`` and log it to the run (the artifact
-    ``report.html``, which the MLflow UI shows in place)."""
+    ``report.html``, which the MLflow UI shows in place); ``data`` as in
+    :func:`build_report`."""
     import mlflow  # noqa: PLC0415
 
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "report.html"
-    build_report(run_id, out, status=status)
+    build_report(run_id, out, status=status, data=data)
     mlflow.MlflowClient().log_artifact(run_id, str(out))
     return out
 

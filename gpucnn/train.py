@@ -170,11 +170,11 @@ def run(cfg: DictConfig, world: Any = None) -> float:
                 model, optimizer, dataset, config, tracker, checkpoints, resumption, world
             )
             _log_outputs(tracker, model, result, output_dir)
-            _write_report(run_id, output_dir, "FINISHED")
+            _write_report(run_id, output_dir, "FINISHED", dataset)
         except TrainingStopped as stop:
             _end_stopped(mlflow, run_id, stop)  # marked first: the grace may end any time
             if stop.checkpoint is not None:  # then the report, if the stop leaves time
-                _write_report(run_id, output_dir, "KILLED")
+                _write_report(run_id, output_dir, "KILLED", dataset)
             stop.run_id, stop.hint = run_id, resume_hint(run_id, config)
             raise
         except KeyboardInterrupt:
@@ -467,14 +467,15 @@ def _log_outputs(tracker: MlflowTracker, model: Any, result: Any, output_dir: Pa
             tracker.log_array(f"{layer.name}.npy", to_host(layer.params["weight"]))
 
 
-def _write_report(run_id: str, output_dir: Path, status: str) -> None:
-    """The run's report.html, built from what it logged, as an artifact; a report that
-    cannot be built costs the run nothing but a line on stderr."""
+def _write_report(run_id: str, output_dir: Path, status: str, dataset: Dataset) -> None:
+    """The run's report.html, built from what it logged and from the dataset in memory
+    (not loaded a second time beside it), as an artifact; a report that cannot be built
+    costs the run nothing but a line on stderr."""
     from gpucnn.report import write_and_log  # noqa: PLC0415 - heavy, at the end only
 
     try:
         with deferred_interrupt():
-            write_and_log(run_id, output_dir, status)
+            write_and_log(run_id, output_dir, status, dataset)
     except Exception as err:  # noqa: BLE001 - the run's results are logged already
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"gpucnn: the run's report was not written: {first}", file=sys.stderr, flush=True)

@@ -185,6 +185,26 @@ def test_an_older_run_gets_a_report_that_says_what_it_could_not_show(digits_run,
     assert "conv1, end" in page.images and "conv1, epoch 3" not in page.images
 
 
+def test_the_apps_report_from_its_dataset_in_memory_equals_one_built_afresh(digits_run, tmp_path):
+    """The training app builds its report from the dataset it holds, so that the data is
+    never in memory twice at the end of a run; `python -m gpucnn.report` loads it as the
+    run's config says. Both give the same page."""
+    cwd, client, run = digits_run
+    _, logged = read_page(client, run.info.run_id, tmp_path / "logged")
+    out = tmp_path / "afresh.html"
+    result = subprocess.run(
+        [sys.executable, "-m", "gpucnn.report", "--run-id", run.info.run_id]
+        + ["--out", str(out), "--no-log"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert out.read_text(encoding="utf-8") == logged
+
+
 def test_a_report_for_a_run_that_does_not_exist_is_one_line(digits_run):
     cwd, _, _ = digits_run
     result = subprocess.run(

@@ -147,6 +147,33 @@ def test_evaluate_matches_direct_computation(backend, rng):
     np.testing.assert_array_equal(confusion, expected)
 
 
+def test_evaluate_keeps_each_pass_within_its_im2col_memory(monkeypatch, rng):
+    """A convolution's im2col matrix grows with the batch: on NumPy an evaluation pass
+    takes fewer samples than asked where it would pass EVALUATION_COLUMN_BYTES, with the
+    same results."""
+    import gpucnn.fit as fit_module
+
+    model = Sequential(
+        [Conv2D(4, 3), ReLU(), MaxPool2D(2), Conv2D(3, 3), Flatten(), Dense(3)],
+        SoftmaxCrossEntropy(),
+        (2, 10, 10),
+        seed=3,
+    )
+    # conv1 unfolds 2*3*3 numbers for each of its 8*8 outputs, conv2 4*3*3 for each of 2*2
+    per_sample = (2 * 3 * 3 * 8 * 8 + 4 * 3 * 3 * 2 * 2) * 4
+    assert model.column_bytes_per_sample() == per_sample
+    x, y = rng.standard_normal((50, 2, 10, 10)).astype(np.float32), rng.integers(0, 3, 50)
+    whole = evaluate(model, x, y, batch_size=64, split_batches=False)
+    sizes = []
+    loss = model.loss
+    monkeypatch.setattr(model, "loss", lambda b, *a, **k: sizes.append(len(b)) or loss(b, *a, **k))
+    monkeypatch.setattr(fit_module, "EVALUATION_COLUMN_BYTES", 7 * per_sample + 5)
+    small = evaluate(model, x, y, batch_size=64, split_batches=False)
+    assert sizes == [7] * 7 + [1]
+    assert small["confusion"] == whole["confusion"]
+    assert small["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+
+
 def test_evaluate_rejects_a_label_the_model_has_no_class_for(backend, rng):
     model = Sequential([Flatten(), Dense(3)], SoftmaxCrossEntropy(), (1, 2, 2), backend=backend)
     x = rng.standard_normal((5, 1, 2, 2))

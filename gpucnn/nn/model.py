@@ -17,6 +17,7 @@ parameters and gradients are addressed by name, e.g. ``"conv1.weight"``.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,18 @@ class Sequential:
 
     def num_params(self) -> int:
         return sum(int(v.size) for v in self.params.values())
+
+    def column_bytes_per_sample(self) -> int:
+        """Bytes per sample of the im2col matrices a forward pass leaves behind (each
+        convolution keeps its C*KH*KW x OH*OW numbers per sample for the backward pass;
+        0 without convolutions): the bulk of a forward pass's memory, which grows with
+        the batch."""
+        itemsize = self.backend.xp.dtype(self.dtype).itemsize
+        return itemsize * sum(
+            layer.in_shape[0] * math.prod(layer.kernel_size) * math.prod(layer.out_shape[1:])
+            for layer in self.layers
+            if layer.type == "conv"
+        )
 
     # -- computation -----------------------------------------------------------------
     # A model computes a whole batch in the calling process (the array primitives may
