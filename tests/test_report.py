@@ -70,6 +70,18 @@ def digits_run(tmp_path_factory):
     return cwd, client, run
 
 
+def run_in(cwd, *args: str) -> subprocess.CompletedProcess:
+    """``python ARGS`` in ``cwd``, where the run's store is found as the app finds it."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
+
+
 def read_page(client, run_id, into: Path) -> tuple[Page, str]:
     path = Path(client.download_artifacts(run_id, "report.html", str(into)))
     text = path.read_text(encoding="utf-8")
@@ -167,14 +179,8 @@ def test_an_older_run_gets_a_report_that_says_what_it_could_not_show(digits_run,
     shutil.move(str(raw), str(tmp_path / "raw-kept"))
     try:
         out = tmp_path / "old.html"
-        result = subprocess.run(
-            [sys.executable, "-m", "gpucnn.report", "--run-id", run.info.run_id]
-            + ["--out", str(out), "--no-log"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+        result = run_in(
+            cwd, "-m", "gpucnn.report", "--run-id", run.info.run_id, "--out", str(out), "--no-log"
         )
     finally:
         shutil.move(str(tmp_path / "raw-kept"), str(raw))
@@ -185,41 +191,53 @@ def test_an_older_run_gets_a_report_that_says_what_it_could_not_show(digits_run,
     assert "conv1, end" in page.images and "conv1, epoch 3" not in page.images
 
 
+# Builds a run's report from a dataset given to it, with loading forbidden: the training
+# app's way (argv: run id, the run's config.yaml, where to write).
+GIVEN_DATA = """
+import sys
+from pathlib import Path
+import mlflow
+import gpucnn.report as report
+from gpucnn.data import load_data
+from gpucnn.evaluate import read_config
+from gpucnn.tracking.mlflow_store import resolve_store
+run_id, config, out = sys.argv[1:]
+mlflow.set_tracking_uri(resolve_store(None, Path.cwd(), create=False)[0])
+data = load_data(read_config(Path(config), Path("none"))["data"])
+def refuse(*args, **kwargs):
+    raise AssertionError("the report loaded the dataset a second time")
+report.load_data = refuse
+report.build_report(run_id, Path(out), status="FINISHED", data=data)
+"""
+
+
 def test_the_apps_report_from_its_dataset_in_memory_equals_one_built_afresh(digits_run, tmp_path):
     """The training app builds its report from the dataset it holds, so that the data is
     never in memory twice at the end of a run; `python -m gpucnn.report` loads it as the
-    run's config says. Both give the same page."""
+    run's config says. All give the same page."""
     cwd, client, run = digits_run
-    _, logged = read_page(client, run.info.run_id, tmp_path / "logged")
-    out = tmp_path / "afresh.html"
-    result = subprocess.run(
-        [sys.executable, "-m", "gpucnn.report", "--run-id", run.info.run_id]
-        + ["--out", str(out), "--no-log"],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    run_id = run.info.run_id
+    _, logged = read_page(client, run_id, tmp_path / "logged")
+    afresh, given = tmp_path / "afresh.html", tmp_path / "given.html"
+    result = run_in(
+        cwd, "-m", "gpucnn.report", "--run-id", run_id, "--out", str(afresh), "--no-log"
     )
+    assert result.returncode == 0, result.stderr
+    config = client.download_artifacts(run_id, "config.yaml", str(tmp_path))
+    result = run_in(cwd, "-c", GIVEN_DATA, run_id, config, str(given))
     assert result.returncode == 0, result.stderr
 
     def undated(page: str) -> str:  # the footer says when each was built
         return re.sub(r"built by gpucnn\.report, [0-9-]+ [0-9:]+", "built", page)
 
-    assert undated(out.read_text(encoding="utf-8")) == undated(logged)
+    assert undated(afresh.read_text(encoding="utf-8")) == undated(logged)
+    assert undated(given.read_text(encoding="utf-8")) == undated(logged)
     assert undated(logged) != logged  # the footer was there, and only it was set aside
 
 
 def test_a_report_for_a_run_that_does_not_exist_is_one_line(digits_run):
     cwd, _, _ = digits_run
-    result = subprocess.run(
-        [sys.executable, "-m", "gpucnn.report", "--run-id", "0" * 32],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
-    )
+    result = run_in(cwd, "-m", "gpucnn.report", "--run-id", "0" * 32)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("gpucnn.report: error: run '000")
     assert len(result.stderr.strip().splitlines()) == 1
@@ -267,14 +285,7 @@ def test_the_report_renders_in_headless_chromium(digits_run, tmp_path):
 
 
 def explain(cwd, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "gpucnn.explain", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
-    )
+    return run_in(cwd, "-m", "gpucnn.explain", *args)
 
 
 def test_explain_walks_a_test_image_through_the_trained_model(digits_run, tmp_path):

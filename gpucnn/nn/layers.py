@@ -138,6 +138,11 @@ class Layer:
         current[...] = value
 
     # -- public layout --------------------------------------------------------------
+    def columns_per_sample(self) -> int:
+        """Numbers per sample of the im2col matrix this layer keeps from its forward pass
+        for its backward pass (0: none)."""
+        return 0
+
     def forward(self, x: Array) -> Array:
         """Forward on the public layout (images NCHW, vectors (N, D))."""
         if self.in_shape is None:
@@ -297,6 +302,10 @@ class Conv2D(Layer):
         _, hp, wp, _ = padded_shape
         grad_padded = col2im(grad_col, hp, wp, *self.stride, flip=self.mode == "convolution")
         return unpad_internal(grad_padded, self.pads)
+
+    def columns_per_sample(self) -> int:
+        """C*KH*KW numbers for each of its OH*OW outputs."""
+        return self.in_shape[0] * math.prod(self.kernel_size) * math.prod(self.out_shape[1:])
 
     def config(self) -> dict[str, Any]:
         return {

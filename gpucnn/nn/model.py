@@ -17,7 +17,6 @@ parameters and gradients are addressed by name, e.g. ``"conv1.weight"``.
 from __future__ import annotations
 
 import copy
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -145,11 +144,7 @@ class Sequential:
         0 without convolutions): the bulk of a forward pass's memory, which grows with
         the batch."""
         itemsize = self.backend.xp.dtype(self.dtype).itemsize
-        return itemsize * sum(
-            layer.in_shape[0] * math.prod(layer.kernel_size) * math.prod(layer.out_shape[1:])
-            for layer in self.layers
-            if layer.type == "conv"
-        )
+        return itemsize * sum(layer.columns_per_sample() for layer in self.layers)
 
     # -- computation -----------------------------------------------------------------
     # A model computes a whole batch in the calling process (the array primitives may

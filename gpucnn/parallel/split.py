@@ -189,14 +189,6 @@ class BatchSplit:
         if not self._loss_ready:
             raise RuntimeError("call loss(x, labels) before backward()")
         model = self.model
-
-        weights = slice_weights(self.slices)
-
-        def backward_part(k: int, part: slice) -> list[dict[str, Array]]:
-            replica = self._replicas[k]
-            replica.backward(scale=weights[k])  # its share of the batch's gradients
-            return [layer.grads for layer in replica.layers]
-
         self._followed_by_backward = True
         if len(self.slices) == 1:  # the whole batch on one replica: its gradients as they are
             replica = self._replicas[0]
@@ -204,6 +196,13 @@ class BatchSplit:
             for layer, twin in zip(model.layers, replica.layers, strict=True):
                 layer.grads = twin.grads
         else:
+            weights = slice_weights(self.slices)
+
+            def backward_part(k: int, part: slice) -> list[dict[str, Array]]:
+                replica = self._replicas[k]
+                replica.backward(scale=weights[k])  # its share of the batch's gradients
+                return [layer.grads for layer in replica.layers]
+
             if self.remote_slices:
                 helpers = workers.running(self.remote_slices)
                 results = self._backward_in_workers(helpers, backward_part)
