@@ -129,6 +129,17 @@ def test_a_training_step_costs_one_request_and_one_answer(two_slices, monkeypatc
     assert sent == ["forward", "backward"] and len(received) == 2
 
 
+def test_workers_still_answer_where_sockets_cannot_be_polled(two_slices, monkeypatch, rng):
+    """select.poll is missing on some POSIX builds: a step then waits in the read itself,
+    with the same results."""
+    monkeypatch.delattr(workers.select, "poll")
+    x = rng.standard_normal((64, 3, 9, 9))
+    labels = rng.integers(0, 3, 64)
+    split, whole = BatchSplit(build("softmax")), build("softmax")
+    assert_same(step(split, x, labels), unsplit(whole, x, labels))
+    assert split.remote_slices == 1
+
+
 def test_two_models_share_a_worker(two_slices, monkeypatch, rng):
     x = rng.standard_normal((64, 3, 9, 9))
     labels = rng.integers(0, 3, 64)

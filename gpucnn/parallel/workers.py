@@ -213,7 +213,10 @@ SPIN_SECONDS = 0.002
 
 def wait_readable_after_spin(fd: int, spin_seconds: float = SPIN_SECONDS) -> Callable[[], None]:
     """A function that returns once ``fd`` has data to read (or is closed): it polls
-    without sleeping for up to ``spin_seconds``, then sleeps until then."""
+    without sleeping for up to ``spin_seconds``, then sleeps until then. Where Python
+    has no ``select.poll``, it returns at once (the read that follows sleeps instead)."""
+    if not hasattr(select, "poll"):
+        return lambda: None
     poller = select.poll()
     poller.register(fd, select.POLLIN)
 
