@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from gpucnn.array.backend import to_host
-from gpucnn.array.im2col import col2im, im2col, internal_to_nchw, nchw_to_internal
+from gpucnn.array.conv import rows_per_block
+from gpucnn.array.im2col import (
+    SLAB_BUFFER_SIZE,
+    col2im,
+    im2col,
+    internal_to_nchw,
+    nchw_to_internal,
+    unbuffered_ufuncs,
+)
 
 CASES = [
     ((2, 5, 6, 3), 3, 2, 1, 1),
@@ -69,3 +77,29 @@ def test_im2col_of_a_strided_view(flip, rng):
     assert not x.flags.c_contiguous
     expected = loop_im2col(x, 3, 2, 2, 1, flip)
     np.testing.assert_array_equal(im2col(x, 3, 2, 2, 1, flip=flip), expected)
+
+
+@pytest.mark.parametrize(
+    ("rows", "bytes_per_row", "budget", "expected"),
+    [
+        (24, 79_200, 256 << 10, 3),  # LeNet's first map at batch 33: 8 blocks of 3 rows
+        (8, 211_200, 256 << 10, 1),  # its second: a row is most of the budget
+        (7, 10, 1000, 7),  # all rows fit: one block
+        (7, 10, 60, 1),  # 7 is prime: equal blocks are single rows
+        (12, 10, 95, 6),  # the largest divisor of 12 within 9 rows
+        (5, 10**9, 256, 1),  # a row over budget still makes a block
+    ],
+)
+def test_rows_per_block_divides_the_rows_within_the_budget(rows, bytes_per_row, budget, expected):
+    assert rows_per_block(rows, bytes_per_row, budget) == expected
+
+
+def test_col2im_leaves_numpys_buffer_size_as_it_found_it(rng):
+    before = np.getbufsize()
+    col = rng.standard_normal((2, 3, 3, 4, 4, 5))
+    col2im(col, 6, 6, 1, 1)
+    assert np.getbufsize() == before
+    with pytest.raises(RuntimeError), unbuffered_ufuncs(np):
+        assert np.getbufsize() == SLAB_BUFFER_SIZE
+        raise RuntimeError("inside")
+    assert np.getbufsize() == before

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from gpucnn.array import conv as conv_module
 from gpucnn.array.backend import to_host
 from gpucnn.nn.layers import (
     Conv2D,
@@ -96,8 +97,17 @@ CONV_CASES = [
 ]
 
 
+@pytest.fixture(params=["one block", "a block per row"])
+def conv_blocks(request, monkeypatch):
+    """On NumPy a convolution runs in blocks of output rows sized to the cache; these
+    maps fit one block, so the second case forces one row per block."""
+    if request.param == "a block per row":
+        monkeypatch.setattr(conv_module, "BLOCK_BYTES", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
-def test_conv_matches_loop_reference(case, backend, rng):
+def test_conv_matches_loop_reference(case, backend, rng, conv_blocks):
     in_shape, p, kernel, stride, padding, mode, bias = case
     conv = built(Conv2D(p, kernel, stride, padding, mode, bias), in_shape, backend)
     if bias:
@@ -112,7 +122,7 @@ def test_conv_matches_loop_reference(case, backend, rng):
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
-def test_conv_gradients(case, backend, rng):
+def test_conv_gradients(case, backend, rng, conv_blocks):
     in_shape, p, kernel, stride, padding, mode, bias = case
     conv = built(Conv2D(p, kernel, stride, padding, mode, bias), in_shape, backend)
     check_layer_gradients(conv, rng.standard_normal((2, *in_shape)), backend, rng)

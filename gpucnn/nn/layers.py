@@ -16,11 +16,9 @@ import math
 from typing import Any
 
 from gpucnn.array.backend import Array, Backend, Random, array_module
+from gpucnn.array.conv import conv_forward, conv_input_grad, conv_weight_grad
 from gpucnn.array.im2col import (
-    col2im,
-    im2col,
     internal_to_nchw,
-    matmul_nt,
     nchw_to_internal,
     output_size,
     pad_internal,
@@ -139,8 +137,8 @@ class Layer:
 
     # -- public layout --------------------------------------------------------------
     def columns_per_sample(self) -> int:
-        """Numbers per sample of the im2col matrix this layer keeps from its forward pass
-        for its backward pass (0: none)."""
+        """Numbers per sample of the im2col matrix this layer's forward pass unfolds (0:
+        none); see Sequential.column_bytes_per_sample."""
         return 0
 
     def forward(self, x: Array) -> Array:
@@ -271,36 +269,37 @@ class Conv2D(Layer):
         return (p, output_size(hp, kh, self.stride[0]), output_size(wp, kw, self.stride[1]))
 
     def _forward(self, x: Array) -> Array:
-        n = x.shape[3]
-        kh, kw = self.kernel_size
         # True convolution flips the kernel; im2col reads the windows flipped instead, so
         # the weights are used as stored (no flipped copy of K, in forward or backward).
-        flip = self.mode == "convolution"
         x_padded = pad_internal(x, self.pads)
-        col = im2col(x_padded, kh, kw, *self.stride, flip=flip)  # (C, KH, KW, OH, OW, N)
-        _, _, _, oh, ow, _ = col.shape
         kmat = self.params["weight"].reshape(self.out_channels, -1)  # (P, C*KH*KW), a view
-        out = kmat @ col.reshape(kmat.shape[1], -1)  # (P, OH*OW*N)
-        if self.bias:
-            out += self.params["bias"][:, None]
-        self._cache = (col, x_padded.shape)
-        return out.reshape(self.out_channels, oh, ow, n)
-
-    def _backward(self, grad_out: Array, need_input_grad: bool = True) -> Array | None:
-        col, padded_shape = self._cache
-        weight = self.params["weight"]
-        kmat = weight.reshape(self.out_channels, -1)
-        grad_mat = grad_out.reshape(self.out_channels, -1)  # (P, OH*OW*N)
-        self.grads["weight"] = matmul_nt(grad_mat, col.reshape(kmat.shape[1], -1)).reshape(
-            weight.shape
+        out, cols = conv_forward(
+            x_padded, kmat, *self.kernel_size, *self.stride, flip=self.mode == "convolution"
         )
         if self.bias:
-            self.grads["bias"] = grad_mat.sum(axis=1)
+            out += self.params["bias"][:, None, None, None]
+        self._cache = (x_padded, cols)
+        return out
+
+    def _backward(self, grad_out: Array, need_input_grad: bool = True) -> Array | None:
+        x_padded, cols = self._cache
+        weight = self.params["weight"]
+        flip = self.mode == "convolution"
+        self.grads["weight"] = conv_weight_grad(
+            x_padded, cols, grad_out, self.kernel_size, self.stride, flip
+        ).reshape(weight.shape)
+        if self.bias:
+            self.grads["bias"] = grad_out.reshape(self.out_channels, -1).sum(axis=1)
         if not need_input_grad:
             return None
-        grad_col = (kmat.T @ grad_mat).reshape(col.shape)
-        _, hp, wp, _ = padded_shape
-        grad_padded = col2im(grad_col, hp, wp, *self.stride, flip=self.mode == "convolution")
+        grad_padded = conv_input_grad(
+            weight.reshape(self.out_channels, -1),
+            grad_out,
+            x_padded.shape[1:3],
+            self.kernel_size,
+            self.stride,
+            flip,
+        )
         return unpad_internal(grad_padded, self.pads)
 
     def columns_per_sample(self) -> int:

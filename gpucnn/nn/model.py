@@ -139,10 +139,11 @@ class Sequential:
         return sum(int(v.size) for v in self.params.values())
 
     def column_bytes_per_sample(self) -> int:
-        """Bytes per sample of the im2col matrices a forward pass leaves behind (each
-        convolution keeps its C*KH*KW x OH*OW numbers per sample for the backward pass;
-        0 without convolutions): the bulk of a forward pass's memory, which grows with
-        the batch."""
+        """Bytes per sample of the im2col matrices of a forward pass (each convolution's
+        C*KH*KW x OH*OW numbers per sample; 0 without convolutions). CuPy keeps them for
+        the backward pass, the bulk of a pass's memory. NumPy unfolds in cache-sized
+        blocks and keeps none (:mod:`gpucnn.array.conv`): there the figure bounds the
+        feature maps a pass keeps, which are K*K times smaller."""
         itemsize = self.backend.xp.dtype(self.dtype).itemsize
         return itemsize * sum(layer.columns_per_sample() for layer in self.layers)
 
