@@ -38,23 +38,35 @@ def rows_per_block(out_rows: int, bytes_per_row: int, budget: int | None = None)
 
 
 def conv_forward(
-    x: Array, kernels: Array, kh: int, kw: int, sh: int, sw: int, flip: bool
+    x: Array,
+    kernels: Array,
+    bias: Array | None,
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    flip: bool,
 ) -> tuple[Array, Array | None]:
-    """(K @ im2col(x) as (P, OH, OW, N), the im2col matrix where it is kept, else None).
+    """(K @ im2col(x) + bias as (P, OH, OW, N), the im2col matrix where it is kept, else
+    None).
 
-    ``x`` is a padded (C, H, W, N) image, ``kernels`` the (P, C*KH*KW) weight matrix;
-    ``flip`` unfolds windows flipped (true convolution, see :func:`im2col`). Pass both
-    results on to :func:`conv_weight_grad`.
+    ``x`` is a padded (C, H, W, N) image, ``kernels`` the (P, C*KH*KW) weight matrix,
+    ``bias`` (P,) or None; ``flip`` unfolds windows flipped (true convolution, see
+    :func:`im2col`). Pass both results on to :func:`conv_weight_grad`.
     """
     xp = array_module(x, kernels)
     c, h, w, n = x.shape
+    (kh, kw), (sh, sw) = window, stride
     oh, ow = output_size(h, kh, sh), output_size(w, kw, sw)
     p, depth = kernels.shape
     if is_gpu(xp):
         cols = cuda_kernels.im2col(x, kh, kw, sh, sw, oh, ow, flip).reshape(depth, -1)
-        return (kernels @ cols).reshape(p, oh, ow, n), cols
+        out = kernels @ cols
+        if bias is not None:
+            out += bias[:, None]
+        return out.reshape(p, oh, ow, n), cols
+    if bias is not None:  # the bias is one more kernel column, against a row of ones
+        kernels = xp.concatenate([kernels, bias[:, None]], axis=1)
     out = xp.empty((p, oh, ow * n), dtype=x.dtype)
-    for top, block in _column_blocks(x, kh, kw, sh, sw, flip):
+    for top, block in _column_blocks(x, window, stride, flip, ones=bias is not None):
         rows = block.shape[1] // (ow * n)
         xp.matmul(kernels, block, out=out[:, top : top + rows].reshape(p, -1))
     return out.reshape(p, oh, ow, n), None
@@ -67,38 +79,49 @@ def conv_weight_grad(
     window: tuple[int, int],
     stride: tuple[int, int],
     flip: bool,
-) -> Array:
-    """dL/dK as the (P, C*KH*KW) matrix, grad @ im2col(x).T, for the padded input ``x``
-    and ``cols`` of :func:`conv_forward` and the (P, OH, OW, N) gradient of its output."""
+    bias: bool,
+) -> tuple[Array, Array | None]:
+    """(dL/dK as the (P, C*KH*KW) matrix, grad @ im2col(x).T; dL/dbias (P,) if ``bias``
+    else None) for the padded input ``x`` and ``cols`` of :func:`conv_forward` and the
+    (P, OH, OW, N) gradient of its output."""
     p = grad_out.shape[0]
     grad = grad_out.reshape(p, grad_out.shape[1], -1)  # (P, OH, OW*N)
     if cols is not None:
-        return matmul_nt(grad.reshape(p, -1), cols)
+        flat = grad.reshape(p, -1)
+        return matmul_nt(flat, cols), flat.sum(axis=1) if bias else None
     xp = array_module(x, grad_out)
     total = None
-    for top, block in _column_blocks(x, *window, *stride, flip):
+    for top, block in _column_blocks(x, window, stride, flip, ones=bias):
         rows = block.shape[1] // grad.shape[2]
         part = grad[:, top : top + rows].reshape(p, -1)
-        product = block @ part.T  # (C*KH*KW, P): the faster orientation (see matmul_nt)
+        product = block @ part.T  # (C*KH*KW [+1], P): the faster orientation (matmul_nt)
         total = product if total is None else xp.add(total, product, out=total)
-    return total.T
+    if bias:  # the row of ones gave each kernel's sum of its output gradient
+        return total[:-1].T, total[-1]
+    return total.T, None
 
 
 def _column_blocks(
-    x: Array, kh: int, kw: int, sh: int, sw: int, flip: bool
+    x: Array, window: tuple[int, int], stride: tuple[int, int], flip: bool, ones: bool
 ) -> Iterator[tuple[int, Array]]:
-    """(first output row, that block's im2col matrix (C*KH*KW, rows*OW*N)) for each block
-    of output rows in turn. The blocks share one buffer: use each before the next."""
+    """(first output row, that block's im2col matrix (C*KH*KW, rows*OW*N), with a last
+    row of ones if ``ones``) for each block of output rows in turn. The blocks share one
+    buffer: use each before the next."""
     xp = array_module(x)
     c, h, w, n = x.shape
+    (kh, kw), (sh, sw) = window, stride
     oh, ow = output_size(h, kh, sh), output_size(w, kw, sw)
     depth = c * kh * kw
     rows = rows_per_block(oh, depth * ow * n * x.itemsize)
+    width = rows * ow * n
     windows = window_view(x, kh, kw, sh, sw, flip)  # (C, KH, KW, OH, OW, N), no copy
-    buffer = xp.empty((c, kh, kw, rows, ow, n), dtype=x.dtype)
+    matrix = xp.empty((depth + ones, width), dtype=x.dtype)
+    if ones:
+        matrix[depth] = 1
+    unfolded = matrix[:depth].reshape(c, kh, kw, rows, ow, n)
     for top in range(0, oh, rows):
-        _copy_windows(xp, buffer, windows[:, :, :, top : top + rows])
-        yield top, buffer.reshape(depth, -1)
+        _copy_windows(xp, unfolded, windows[:, :, :, top : top + rows])
+        yield top, matrix
 
 
 def conv_input_grad(

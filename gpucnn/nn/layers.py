@@ -274,10 +274,13 @@ class Conv2D(Layer):
         x_padded = pad_internal(x, self.pads)
         kmat = self.params["weight"].reshape(self.out_channels, -1)  # (P, C*KH*KW), a view
         out, cols = conv_forward(
-            x_padded, kmat, *self.kernel_size, *self.stride, flip=self.mode == "convolution"
+            x_padded,
+            kmat,
+            self.params["bias"] if self.bias else None,
+            self.kernel_size,
+            self.stride,
+            flip=self.mode == "convolution",
         )
-        if self.bias:
-            out += self.params["bias"][:, None, None, None]
         self._cache = (x_padded, cols)
         return out
 
@@ -285,11 +288,12 @@ class Conv2D(Layer):
         x_padded, cols = self._cache
         weight = self.params["weight"]
         flip = self.mode == "convolution"
-        self.grads["weight"] = conv_weight_grad(
-            x_padded, cols, grad_out, self.kernel_size, self.stride, flip
-        ).reshape(weight.shape)
+        grad_weight, grad_bias = conv_weight_grad(
+            x_padded, cols, grad_out, self.kernel_size, self.stride, flip, self.bias
+        )
+        self.grads["weight"] = grad_weight.reshape(weight.shape)
         if self.bias:
-            self.grads["bias"] = grad_out.reshape(self.out_channels, -1).sum(axis=1)
+            self.grads["bias"] = grad_bias
         if not need_input_grad:
             return None
         grad_padded = conv_input_grad(
