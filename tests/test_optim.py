@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -69,3 +71,61 @@ def test_bad_options(kind, options, message):
 def test_missing_gradient_is_an_error():
     with pytest.raises(KeyError, match="no gradient for parameters \\['b'\\]"):
         GradientAscent(0.1).step({"a": np.zeros(1), "b": np.zeros(1)}, {"a": np.zeros(1)})
+
+
+def adam_by_formula(params, grad_steps, lr, b1, b2, eps):
+    """Adam per parameter, written out: float32 numbers as gpucnn computes them (the
+    bias corrections folded into the step and epsilon, see optim.Adam)."""
+    params = {k: v.copy() for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v2 = {k: np.zeros_like(v) for k, v in params.items()}
+    for t, grads in enumerate(grad_steps, start=1):
+        step = lr * math.sqrt(1 - b2**t) / (1 - b1**t)  # Python floats: float32 stays
+        for k in params:
+            m[k] = m[k] * b1 + (1 - b1) * grads[k]
+            v2[k] = v2[k] * b2 + (1 - b2) * (grads[k] * grads[k])
+            params[k] = params[k] - step * m[k] / (np.sqrt(v2[k]) + eps * math.sqrt(1 - b2**t))
+    return params, m, v2
+
+
+def test_adam_on_numpy_updates_all_parameters_as_one_vector_with_the_same_numbers(rng):
+    """The flat update (every parameter in one vector) gives each parameter and moment
+    exactly the numbers of Adam applied to each parameter alone."""
+    shapes = {"conv.weight": (4, 2, 3, 3), "conv.bias": (4,), "dense.weight": (5, 7)}
+    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    grad_steps = [
+        {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+        for _ in range(5)
+    ]
+    params = {k: v.copy() for k, v in start.items()}
+    adam = Adam(1e-2, 0.9, 0.99, 1e-8)
+    for grads in grad_steps:
+        adam.step(params, grads)
+    expected, m, v = adam_by_formula(start, grad_steps, 1e-2, 0.9, 0.99, 1e-8)
+    for k in shapes:
+        assert params[k].dtype == np.float32
+        np.testing.assert_array_equal(params[k], expected[k])
+        np.testing.assert_array_equal(adam.state_dict()[f"m/{k}"], m[k])
+        np.testing.assert_array_equal(adam.state_dict()[f"v/{k}"], v[k])
+
+
+def test_adam_goes_on_exactly_from_loaded_state(rng):
+    """A checkpoint's state (loaded as separate arrays) continues the flat update as if
+    the run had never stopped, and the state dict is the moments, not stale copies."""
+    shapes = {"a": (3, 4), "b": (6,)}
+    grads = [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(6)]
+    start = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    straight, adam = {k: v.copy() for k, v in start.items()}, Adam(1e-2)
+    for g in grads:
+        adam.step(straight, g)
+    resumed, first = {k: v.copy() for k, v in start.items()}, Adam(1e-2)
+    for g in grads[:3]:
+        first.step(resumed, g)
+    second = Adam(1e-2)
+    second.load_state_dict({k: v.copy() for k, v in first.state_dict().items()}, first.steps)
+    for g in grads[3:]:
+        second.step(resumed, g)
+    for k in shapes:
+        np.testing.assert_array_equal(resumed[k], straight[k])
+    for key, value in adam.state_dict().items():
+        np.testing.assert_array_equal(second.state_dict()[key], value)
