@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from gpucnn.array import cuda_kernels
 from gpucnn.array.backend import Array, array_module, is_gpu
 from gpucnn.array.im2col import col2im, matmul_nt, output_size, window_view
-from gpucnn.array.threads import parallel_for
+from gpucnn.array.threads import parallel_for, parallel_parts
 
 # Bytes of im2col columns one block may take: well inside a 2 MB L2 with the block's
 # output and the weights beside it. Measured on LeNet at batch 33 (2-core Xeon): 128 KB
@@ -119,8 +119,13 @@ def _column_blocks(
     if ones:
         matrix[depth] = 1
     unfolded = matrix[:depth].reshape(c, kh, kw, rows, ow, n)
+    inline = parallel_parts(xp, kh, unfolded.size) == 1  # decided once: blocks are many
     for top in range(0, oh, rows):
-        _copy_windows(xp, unfolded, windows[:, :, :, top : top + rows])
+        block = windows[:, :, :, top : top + rows]
+        if inline:
+            xp.copyto(unfolded, block)
+        else:
+            _copy_windows(xp, unfolded, block)
         yield top, matrix
 
 

@@ -124,17 +124,26 @@ def parallel_for(xp: Any, count: int, work: int, body: Callable[[int, int], None
     parts must write disjoint memory. Inside a batch slice everything runs inline: the
     slices already keep the cores busy, and a nested pool could deadlock.
     """
-    current = settings()
-    parts = min(current.helper_threads, count)
-    if parts <= 1 or work < current.min_parallel_elements or is_gpu(xp) or inside_slice():
+    parts = parallel_parts(xp, count, work)
+    if parts == 1:
         body(0, count)
         return
-    pool = executor("helper", current.helper_threads)
+    pool = executor("helper", settings().helper_threads)
     bounds = [count * k // parts for k in range(parts + 1)]
     futures = [pool.submit(body, bounds[k], bounds[k + 1]) for k in range(1, parts)]
     body(bounds[0], bounds[1])
     for future in futures:
         future.result()
+
+
+def parallel_parts(xp: Any, count: int, work: int) -> int:
+    """Into how many parts :func:`parallel_for` cuts ``range(count)`` for ``work``
+    elements (1: it runs inline)."""
+    current = settings()
+    parts = min(current.helper_threads, count)
+    if parts <= 1 or work < current.min_parallel_elements or is_gpu(xp) or inside_slice():
+        return 1
+    return parts
 
 
 def inside_slice() -> bool:
