@@ -94,8 +94,7 @@ def test_adam_on_numpy_updates_all_parameters_as_one_vector_with_the_same_number
     shapes = {"conv.weight": (4, 2, 3, 3), "conv.bias": (4,), "dense.weight": (5, 7)}
     start = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     grad_steps = [
-        {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-        for _ in range(5)
+        {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(5)
     ]
     params = {k: v.copy() for k, v in start.items()}
     adam = Adam(1e-2, 0.9, 0.99, 1e-8)

@@ -250,7 +250,7 @@ class BatchSplit:
                 if with_gradients:
                     replica.backward(scale=weights[0])
                     own_grads = [layer.grads for layer in replica.layers]
-            answers = [helpers[k - 1].receive() for k in range(1, len(slices))]
+            answers = [workers.forward_answer(helpers[k - 1]) for k in range(1, len(slices))]
         self._ahead = _GradientsAhead(own_grads, [ready for _, _, ready in answers])
         results = [(replica.last_output, value)]
         for net, part_loss, _ in answers:

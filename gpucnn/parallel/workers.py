@@ -114,6 +114,7 @@ class Worker:
         self.free: list[tuple[int, int]] = []  # regions of models no longer held
         self.outputs_end = 0
         self.plans: dict[tuple, dict[str, Spec]] = {}  # inputs layouts by model and shapes
+        self.head_input: Any = None  # where the last forward request's answer goes
         self.unread = 0
         try:
             if not self.conn.poll(START_SECONDS):
@@ -373,11 +374,11 @@ def send_forward(
 ) -> None:
     """Ask ``worker`` for the head input and mean loss (no L2 penalty) of ``model`` on
     (x, labels), with ``model``'s current parameters, in the slot of ``owner``;
-    ``worker.receive()`` then gives (head input, mean loss, whether the gradients are
+    :func:`forward_answer` then gives (head input, mean loss, whether the gradients are
     written). The gradients, when asked for, are those of ``scale`` times that loss
     (the slice's share of a batch). ``with_gradients``, the worker writes them before it
-    answers (read them with :func:`gradients`). ``model`` needs only ``params`` and
-    ``config()``."""
+    answers (read them with :func:`gradients`). ``model`` needs ``params``,
+    ``config()``, ``output_shape`` and ``dtype``."""
     worker.drain()  # the worker reads the inputs file until it answers: let it finish
     key = slot_key(owner)
     params = model.params
@@ -392,8 +393,12 @@ def send_forward(
         inputs = worker.plans[signature] = {
             n: layout.place(a.shape, a.dtype) for n, a in arrays.items()
         }
+        # The worker's answer: its head input, written there (unpickling an array in the
+        # answer cost this process 15-20 us a step).
+        inputs["net"] = layout.place((len(x), *model.output_shape), model.dtype)
         worker.inputs.resize(max(worker.inputs.size, layout.end))
     views = worker.inputs.views(inputs)
+    worker.head_input = views["net"]
     views["x"][...] = x
     views["labels"][...] = labels
     for name, value in params.items():
@@ -412,6 +417,14 @@ def send_forward(
             with_gradients,
         )
     )
+
+
+def forward_answer(worker: Worker) -> tuple[Any, float, bool]:
+    """The answer to the forward request last sent to ``worker``: (head input, mean
+    loss, whether the gradients are written). The head input is a view of the shared
+    file, valid until the worker's next request."""
+    _, value, ready = worker.receive()
+    return worker.head_input, value, ready
 
 
 def check_held(worker: Worker, owner: Any) -> None:
