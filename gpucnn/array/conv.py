@@ -17,11 +17,10 @@ keeps the matrix (cuBLAS and the GPU's caches have no such problem).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
 
-from gpucnn.array import cuda_kernels
 from gpucnn.array.backend import Array, array_module, is_gpu
-from gpucnn.array.im2col import col2im, matmul_nt, output_size, window_view
+from gpucnn.array.im2col import col2im, im2col, matmul_nt, output_size, window_view
 from gpucnn.array.threads import parallel_for, parallel_parts
 
 # Bytes of im2col columns one block may take: well inside a 2 MB L2 with the block's
@@ -34,7 +33,12 @@ def rows_per_block(out_rows: int, bytes_per_row: int, budget: int | None = None)
     """The largest divisor of ``out_rows`` whose rows' columns fit in ``budget`` bytes
     (BLOCK_BYTES by default; at least 1 row): blocks of equal size, one buffer for all."""
     most = max(1, (BLOCK_BYTES if budget is None else budget) // max(1, bytes_per_row))
-    return max(d for d in range(1, min(most, out_rows) + 1) if out_rows % d == 0)
+    return _largest_divisor(out_rows, min(most, out_rows))
+
+
+@functools.lru_cache(maxsize=1024)
+def _largest_divisor(number: int, most: int) -> int:
+    return max(d for d in range(1, most + 1) if number % d == 0)
 
 
 def conv_forward(
@@ -57,18 +61,20 @@ def conv_forward(
     (kh, kw), (sh, sw) = window, stride
     oh, ow = output_size(h, kh, sh), output_size(w, kw, sw)
     p, depth = kernels.shape
-    if is_gpu(xp):
-        cols = cuda_kernels.im2col(x, kh, kw, sh, sw, oh, ow, flip).reshape(depth, -1)
+    row_bytes = depth * ow * n * x.itemsize
+    rows = oh if oh * row_bytes <= BLOCK_BYTES else rows_per_block(oh, row_bytes)
+    if rows == oh or is_gpu(xp):  # one block (or cuBLAS): unfold all, keep it
+        cols = im2col(x, kh, kw, sh, sw, flip=flip).reshape(depth, -1)
         out = kernels @ cols
         if bias is not None:
             out += bias[:, None]
         return out.reshape(p, oh, ow, n), cols
     if bias is not None:  # the bias is one more kernel column, against a row of ones
         kernels = xp.concatenate([kernels, bias[:, None]], axis=1)
+    blocks = _ColumnBlocks(x, window, stride, flip, rows, ones=bias is not None)
     out = xp.empty((p, oh, ow * n), dtype=x.dtype)
-    for top, block in _column_blocks(x, window, stride, flip, ones=bias is not None):
-        rows = block.shape[1] // (ow * n)
-        xp.matmul(kernels, block, out=out[:, top : top + rows].reshape(p, -1))
+    for top in range(0, oh, rows):
+        xp.matmul(kernels, blocks.unfold(top), out=out[:, top : top + rows].reshape(p, -1))
     return out.reshape(p, oh, ow, n), None
 
 
@@ -84,49 +90,62 @@ def conv_weight_grad(
     """(dL/dK as the (P, C*KH*KW) matrix, grad @ im2col(x).T; dL/dbias (P,) if ``bias``
     else None) for the padded input ``x`` and ``cols`` of :func:`conv_forward` and the
     (P, OH, OW, N) gradient of its output."""
-    p = grad_out.shape[0]
-    grad = grad_out.reshape(p, grad_out.shape[1], -1)  # (P, OH, OW*N)
-    if cols is not None:
+    p, oh = grad_out.shape[:2]
+    grad = grad_out.reshape(p, oh, -1)  # (P, OH, OW*N)
+    if cols is not None:  # kept whole by the forward pass
         flat = grad.reshape(p, -1)
         return matmul_nt(flat, cols), flat.sum(axis=1) if bias else None
     xp = array_module(x, grad_out)
+    _, h, w, n = x.shape
+    depth = x.shape[0] * window[0] * window[1]
+    ow = output_size(w, window[1], stride[1])
+    rows = rows_per_block(oh, depth * ow * n * x.itemsize)
+    blocks = _ColumnBlocks(x, window, stride, flip, rows, ones=bias)
     total = None
-    for top, block in _column_blocks(x, window, stride, flip, ones=bias):
-        rows = block.shape[1] // grad.shape[2]
+    for top in range(0, oh, rows):
         part = grad[:, top : top + rows].reshape(p, -1)
-        product = block @ part.T  # (C*KH*KW [+1], P): the faster orientation (matmul_nt)
+        product = blocks.unfold(top) @ part.T  # (C*KH*KW [+1], P): see matmul_nt
         total = product if total is None else xp.add(total, product, out=total)
     if bias:  # the row of ones gave each kernel's sum of its output gradient
         return total[:-1].T, total[-1]
     return total.T, None
 
 
-def _column_blocks(
-    x: Array, window: tuple[int, int], stride: tuple[int, int], flip: bool, ones: bool
-) -> Iterator[tuple[int, Array]]:
-    """(first output row, that block's im2col matrix (C*KH*KW, rows*OW*N), with a last
-    row of ones if ``ones``) for each block of output rows in turn. The blocks share one
-    buffer: use each before the next."""
-    xp = array_module(x)
-    c, h, w, n = x.shape
-    (kh, kw), (sh, sw) = window, stride
-    oh, ow = output_size(h, kh, sh), output_size(w, kw, sw)
-    depth = c * kh * kw
-    rows = rows_per_block(oh, depth * ow * n * x.itemsize)
-    width = rows * ow * n
-    windows = window_view(x, kh, kw, sh, sw, flip)  # (C, KH, KW, OH, OW, N), no copy
-    matrix = xp.empty((depth + ones, width), dtype=x.dtype)
-    if ones:
-        matrix[depth] = 1
-    unfolded = matrix[:depth].reshape(c, kh, kw, rows, ow, n)
-    inline = parallel_parts(xp, kh, unfolded.size) == 1  # decided once: blocks are many
-    for top in range(0, oh, rows):
-        block = windows[:, :, :, top : top + rows]
-        if inline:
-            xp.copyto(unfolded, block)
+class _ColumnBlocks:
+    """The im2col matrix of ``x`` in blocks of ``rows`` output rows: :meth:`unfold` gives
+    the (C*KH*KW, rows*OW*N) matrix of the block from a row on, with a last row of ones
+    if ``ones``. Every block is unfolded into the same buffer: use each before the next."""
+
+    def __init__(
+        self,
+        x: Array,
+        window: tuple[int, int],
+        stride: tuple[int, int],
+        flip: bool,
+        rows: int,
+        ones: bool,
+    ) -> None:
+        xp = self.xp = array_module(x)
+        c, _, w, n = x.shape
+        (kh, kw), (sh, sw) = window, stride
+        ow = output_size(w, kw, sw)
+        depth = c * kh * kw
+        self.rows = rows
+        self.windows = window_view(x, kh, kw, sh, sw, flip)  # (C, KH, KW, OH, OW, N)
+        self.matrix = xp.empty((depth + ones, self.rows * ow * n), dtype=x.dtype)
+        if ones:
+            self.matrix[depth] = 1
+        self.unfolded = self.matrix[:depth].reshape(c, kh, kw, self.rows, ow, n)
+        # Decided once per layer call: its blocks are many.
+        self.inline = parallel_parts(xp, kh, self.unfolded.size) == 1
+
+    def unfold(self, top: int) -> Array:
+        block = self.windows[:, :, :, top : top + self.rows]
+        if self.inline:
+            self.xp.copyto(self.unfolded, block)
         else:
-            _copy_windows(xp, unfolded, block)
-        yield top, matrix
+            _copy_windows(self.xp, self.unfolded, block)
+        return self.matrix
 
 
 def conv_input_grad(
