@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from gpucnn.array import conv
 from gpucnn.array.backend import to_host
 from gpucnn.array.conv import rows_per_block
 from gpucnn.array.im2col import (
@@ -103,3 +104,23 @@ def test_col2im_leaves_numpys_buffer_size_as_it_found_it(rng):
         assert np.getbufsize() == SLAB_BUFFER_SIZE
         raise RuntimeError("inside")
     assert np.getbufsize() == before
+
+
+def test_convolution_runs_in_blocks_only_with_one_blas_thread(monkeypatch, rng):
+    """LeNet's second map at batch 33 unfolds to 1.7 MB: in blocks, nothing kept, where
+    BLAS runs one thread (a batch slice); whole and kept where it runs several."""
+    x = rng.standard_normal((8, 12, 12, 33)).astype(np.float32)
+    kernels = rng.standard_normal((16, 200)).astype(np.float32)
+    bias = rng.standard_normal(16).astype(np.float32)
+    monkeypatch.setattr(conv, "blas_threads", lambda: 2)
+    whole, kept = conv.conv_forward(x, kernels, bias, (5, 5), (1, 1), True)
+    assert kept is not None and kept.shape == (200, 8 * 8 * 33)
+    monkeypatch.setattr(conv, "blas_threads", lambda: 1)
+    blocked, none_kept = conv.conv_forward(x, kernels, bias, (5, 5), (1, 1), True)
+    assert none_kept is None
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-4)
+    grad = rng.standard_normal(whole.shape).astype(np.float32)
+    expected = conv.conv_weight_grad(x, kept, grad, (5, 5), (1, 1), True, True)
+    got = conv.conv_weight_grad(x, None, grad, (5, 5), (1, 1), True, True)
+    for mine, theirs in zip(got, expected, strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-3)

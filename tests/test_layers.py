@@ -99,10 +99,11 @@ CONV_CASES = [
 
 @pytest.fixture(params=["one block", "a block per row"])
 def conv_blocks(request, monkeypatch):
-    """On NumPy a convolution runs in blocks of output rows sized to the cache; these
-    maps fit one block, so the second case forces one row per block."""
+    """With one BLAS thread, NumPy runs a convolution in blocks of output rows sized to
+    the cache; these maps fit one block, so the second case forces one row per block."""
     if request.param == "a block per row":
         monkeypatch.setattr(conv_module, "BLOCK_BYTES", 1)
+        monkeypatch.setattr(conv_module, "blas_threads", lambda: 1)
     return request.param
 
 

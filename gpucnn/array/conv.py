@@ -21,11 +21,14 @@ import functools
 
 from gpucnn.array.backend import Array, array_module, is_gpu
 from gpucnn.array.im2col import col2im, im2col, matmul_nt, output_size, window_view
-from gpucnn.array.threads import parallel_for, parallel_parts
+from gpucnn.array.threads import blas_threads, parallel_for, parallel_parts
 
 # Bytes of im2col columns one block may take: well inside a 2 MB L2 with the block's
-# output and the weights beside it. Measured on LeNet at batch 33 (2-core Xeon): 128 KB
-# to 512 KB within 3% of each other, 1.7 MB (one block) 30-60% slower.
+# output and the weights beside it. Measured on LeNet at batch 33 with one BLAS thread
+# (2-core Xeon): 256 and 512 KB alike, 128 KB and below 5% slower (more blocks), 1 MB
+# and more 15-21% slower. Blocks are for one BLAS thread only (a batch slice, a worker):
+# with two, the digits net's step at batch 32 took 2.86 ms in 256 KB blocks, 2.54 ms in
+# one (each small GEMM pays the threads' hand-off).
 BLOCK_BYTES = 256 << 10
 
 
@@ -62,8 +65,9 @@ def conv_forward(
     oh, ow = output_size(h, kh, sh), output_size(w, kw, sw)
     p, depth = kernels.shape
     row_bytes = depth * ow * n * x.itemsize
-    rows = oh if oh * row_bytes <= BLOCK_BYTES else rows_per_block(oh, row_bytes)
-    if rows == oh or is_gpu(xp):  # one block (or cuBLAS): unfold all, keep it
+    whole = oh * row_bytes <= BLOCK_BYTES or is_gpu(xp) or blas_threads() > 1
+    rows = oh if whole else rows_per_block(oh, row_bytes)
+    if rows == oh:  # one block (or cuBLAS, or several BLAS threads): unfold all, keep it
         cols = im2col(x, kh, kw, sh, sw, flip=flip).reshape(depth, -1)
         out = kernels @ cols
         if bias is not None:

@@ -172,6 +172,12 @@ def blas_controller() -> Any:
     return blas if blas.lib_controllers else None
 
 
+def blas_threads() -> int:
+    """How many threads BLAS runs now (the fewest over its libraries; 1 if unknown)."""
+    blas = blas_controller()
+    return min((lib.num_threads for lib in blas.lib_controllers), default=1) if blas else 1
+
+
 def blas_threads_per_slice(slices: int) -> int:
     """BLAS threads for each of ``slices`` that run at once: the cores split evenly,
     never more than BLAS is set to use now."""
