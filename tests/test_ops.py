@@ -86,29 +86,6 @@ def test_optimizer_kernels_match_formulas(backend, rng):
     np.testing.assert_allclose(p.get() if backend.is_gpu else p, param - 0.1 * grad)
 
 
-@pytest.mark.parametrize("window", [(2, 2), (3, 3), (2, 3)])
-def test_small_map_max_pool_path_equals_offset_loop(window, monkeypatch, rng):
-    """Both NumPy max-pool forward paths (reshape for small maps, one maximum per offset
-    otherwise), on inputs full of ties: same output, and the same routing after them."""
-    shape = (3, 6 * window[0] // 2 * 2, 6 * window[1] // 2 * 2, 2)
-    out_hw = (shape[1] // window[0], shape[2] // window[1])
-    x = rng.integers(0, 3, shape).astype(np.float32)  # many equal values per window
-    grad = rng.standard_normal((3, *out_hw, 2)).astype(np.float32)
-
-    def run(small_map):
-        with monkeypatch.context() as patch:
-            patch.setattr(pooling, "SMALL_MAP", small_map)
-            best, saved = pooling.max_pool(x, window, window, out_hw)
-            return best, pooling.max_pool_backward(saved, grad, window, window)
-
-    (best_small, back_small), (best_loop, back_loop) = run(10**9), run(0)
-    np.testing.assert_array_equal(best_small, best_loop)
-    np.testing.assert_array_equal(back_small, back_loop)
-    # Each window's gradient went to exactly one input.
-    np.testing.assert_allclose(back_small.sum(), grad.sum(), rtol=1e-5)
-    assert (back_small != 0).sum() == (grad != 0).sum()
-
-
 def first_max_backward_reference(x, grad, window, stride):
     """Loop over every window: its gradient goes to its first maximum in row-major order."""
     c, h, w, n = x.shape
@@ -122,24 +99,50 @@ def first_max_backward_reference(x, grad, window, stride):
     return out
 
 
-@pytest.mark.parametrize("shape", [(4, 8, 8, 3), (4, 9, 11, 3)])  # tiled whole, and cropped
+def max_reference(x, window, stride, out_hw):
+    """Loop over every window: its maximum (NaN if it holds one)."""
+    c, _, _, n = x.shape
+    out = np.empty((c, *out_hw, n), dtype=x.dtype)
+    for ch, a, b, k in np.ndindex(c, *out_hw, n):
+        top, left = a * stride[0], b * stride[1]
+        patch = x[ch, top : top + window[0], left : left + window[1], k]
+        out[ch, a, b, k] = np.nan if np.isnan(patch).any() else patch.max()
+    return out
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 12, 3), (4, 9, 13, 3)])  # tiled whole, and cropped
+@pytest.mark.parametrize("window", [(2, 2), (3, 3), (2, 3), (1, 2)])
 @pytest.mark.parametrize("ties", ["none", "some channels", "everywhere"])
-def test_max_pool_backward_routes_to_first_maximum(shape, ties, monkeypatch, rng):
-    """The NumPy backward for stride == window compares whole tiles at once, then keeps
+def test_max_pool_routes_to_first_maximum(shape, window, ties, rng):
+    """For stride == window NumPy stacks the windows' pixels side by side, then keeps
     only each window's first hit where a window holds equal maxima."""
-    monkeypatch.setattr(pooling, "SMALL_MAP", 0)  # not the small-map argmax path
     x = tie_free(shape, rng).astype(np.float32)
     if ties == "some channels":
         x[1] = np.round(x[1])
-        x[1, :2, :2] = 7.0  # a whole window of equal maxima
+        x[1, : window[0], : window[1]] = 7.0  # a whole window of equal maxima
     elif ties == "everywhere":
         x = rng.integers(0, 2, shape).astype(np.float32)
-    window = (2, 2)
-    out_hw = (shape[1] // 2, shape[2] // 2)
+    out_hw = (shape[1] // window[0], shape[2] // window[1])
     grad = rng.standard_normal((shape[0], *out_hw, shape[3])).astype(np.float32)
-    _, saved = pooling.max_pool(x, window, window, out_hw)
+    best, saved = pooling.max_pool(x, window, window, out_hw)
+    np.testing.assert_array_equal(best, max_reference(x, window, window, out_hw))
     back = pooling.max_pool_backward(saved, grad, window, window)
     np.testing.assert_array_equal(back, first_max_backward_reference(x, grad, window, window))
+
+
+@pytest.mark.parametrize("stride", [(2, 2), (1, 1)])
+def test_max_pool_of_a_window_holding_nan_is_nan_and_routes_nothing(stride, rng):
+    x = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
+    x[0, 0, 1, 2] = np.nan
+    out_hw = ((6 - 2) // stride[0] + 1, (6 - 2) // stride[1] + 1)
+    best, saved = pooling.max_pool(x, (2, 2), stride, out_hw)
+    np.testing.assert_array_equal(best, max_reference(x, (2, 2), stride, out_hw))
+    grad = np.ones(best.shape, dtype=np.float32)
+    back = pooling.max_pool_backward(saved, grad, (2, 2), stride)
+    assert np.isnan(best[0, 0, 0, 2])
+    if stride == (2, 2):  # the NaN's window alone covers these pixels
+        assert back[0, :2, :2, 2].sum() == 0
+    assert back.sum() == np.count_nonzero(~np.isnan(best))  # every other window routed
 
 
 def test_cpu_settings_come_from_the_environment():

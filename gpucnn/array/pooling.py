@@ -23,16 +23,28 @@ def max_pool(
 ) -> tuple[Array, Any]:
     """Max over each window. Returns (output, what max_pool_backward needs).
 
-    NumPy: one elementwise maximum per kernel offset; backward finds the winners again
-    from the input and output. CuPy: one kernel that also saves each window's winner.
+    NumPy, windows that tile the map (stride == window): each window's pixels are first
+    copied side by side (:func:`_stacked_windows`), then the maximum and the backward's
+    comparisons run on contiguous arrays. Other strides: one elementwise maximum per
+    kernel offset; backward finds the winners again from the input and output. CuPy: one
+    kernel that also saves each window's winner.
     """
     xp = array_module(x)
     if is_gpu(xp):
         out, arg = cuda_kernels.max_pool(x, window, stride, out_hw)
         return out, (x.shape, arg)
-    if _small_tiling(x.shape, window, stride, out_hw):
-        best = _tiles(x, window).max(axis=(2, 4))
-        return best, (x, best)
+    if tuple(stride) == tuple(window):
+        stacked = _stacked_windows(x, window, out_hw)
+        best = xp.empty(stacked.shape[1:], dtype=x.dtype)
+
+        def max_of_channels(ch: slice) -> None:
+            part, top = stacked[:, ch], best[ch]
+            xp.copyto(top, part[0])
+            for k in range(1, len(part)):
+                xp.maximum(top, part[k], out=top)  # NaN wins: a NaN window's max is NaN
+
+        _channel_split(best, max_of_channels)
+        return best, ("stacked", stacked, best, x.shape)
     offsets = window_offsets(window)
     out = xp.empty((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
 
@@ -44,7 +56,7 @@ def max_pool(
             xp.maximum(best, part[window_slices(i, j, *out_hw, *stride)], out=best)
 
     _channel_split(x, body)
-    return out, (x, out)
+    return out, ("offsets", x, out)
 
 
 def max_pool_backward(
@@ -56,12 +68,11 @@ def max_pool_backward(
     if is_gpu(xp):
         x_shape, arg = saved
         return cuda_kernels.max_pool_backward(arg, grad_out, x_shape, window, stride)
-    x, best = saved
+    if saved[0] == "stacked":
+        return _stacked_backward(*saved[1:], grad_out, window)
+    _, x, best = saved
     out_hw = best.shape[1:3]
-    disjoint = stride[0] >= window[0] and stride[1] >= window[1]
-    grad_in = (xp.empty if disjoint and _covers(x.shape, window, stride, out_hw) else xp.zeros)(
-        x.shape, dtype=grad_out.dtype
-    )
+    grad_in = xp.zeros(x.shape, dtype=grad_out.dtype)
 
     def routed(ch: slice) -> None:
         part, top, grad, target = x[ch], best[ch], grad_out[ch], grad_in[ch]
@@ -71,40 +82,65 @@ def max_pool_backward(
             hit = part[sl] == top
             hit &= ~taken
             taken |= hit
-            if disjoint:  # each input pixel lies in at most one window: write, don't add
-                xp.multiply(grad, hit, out=target[sl])
-            else:
-                target[sl] += grad * hit
+            target[sl] += grad * hit
 
-    def tiled(ch: slice) -> None:
-        # Windows as big as their stride: compare every pixel with its window's maximum
-        # in one broadcast pass; the mask times the gradient is the answer once each
-        # window keeps only its first hit.
-        hit = _tiles(x[ch], window, out_hw) == _spread(best[ch])
-        if int(xp.count_nonzero(hit)) != best[ch].size:  # ties (or NaN windows, no hit)
-            _keep_first_hits(hit, window)
-        target = _tiles(grad_in[ch], window, out_hw)
-        xp.copyto(target, hit)
-        target *= _spread(grad_out[ch])
-
-    _channel_split(x, tiled if tuple(stride) == tuple(window) else routed)
+    _channel_split(x, routed)
     return grad_in
 
 
-SMALL_MAP = 1 << 14  # elements; below this, per-call overhead outweighs the passes
+def _stacked_windows(x: Array, window: tuple[int, int], out_hw: tuple[int, int]) -> Array:
+    """(C, H, W, N) -> (QH*QW, C, OH, OW, N), a contiguous copy: entry k holds pixel k
+    (row-major) of every stride-Q window; pixels past the last whole window are left
+    out. NumPy runs a ufunc on a strided window view through an 8192-element buffer,
+    and ties in real images cost the backward pass several such passes; on this copy,
+    made by one strided copy (no buffer), they run on contiguous arrays."""
+    xp = array_module(x)
+    (qh, qw), (oh, ow) = window, out_hw
+    c, _, _, n = x.shape
+    stacked = xp.empty((qh, qw, c, oh, ow, n), dtype=x.dtype)
+
+    def copy_channels(ch: slice) -> None:
+        xp.copyto(stacked[:, :, ch], _tiles(x[ch], window, out_hw).transpose(2, 4, 0, 1, 3, 5))
+
+    _channel_split(x, copy_channels)
+    return stacked.reshape(qh * qw, c, oh, ow, n)
 
 
-def _small_tiling(
-    shape: tuple[int, ...],
+def _stacked_backward(
+    stacked: Array,
+    best: Array,
+    x_shape: tuple[int, ...],
+    grad_out: Array,
     window: tuple[int, int],
-    stride: tuple[int, int],
-    out_hw: tuple[int, ...],
-) -> bool:
-    """A small map whose windows tile it exactly: a few whole-array calls beat a loop
-    over offsets (for the lecture's 3x3/3 pool, 10 us against 45 us)."""
-    return int(shape[0] * shape[1] * shape[2] * shape[3]) <= SMALL_MAP and _covers(
-        shape, window, stride, out_hw
-    )
+) -> Array:
+    """The gradient of a stride-Q max pool from its stacked windows and maxima: each
+    window's first pixel equal to its maximum (NaN windows: none) takes its gradient."""
+    xp = array_module(stacked, grad_out)
+    (qh, qw), (oh, ow) = window, best.shape[1:3]
+    covers = oh * qh == x_shape[1] and ow * qw == x_shape[2]
+    grad_in = (xp.empty if covers else xp.zeros)(x_shape, dtype=grad_out.dtype)
+
+    def route_channels(ch: slice) -> None:
+        hit = stacked[:, ch] == best[ch]
+        if int(xp.count_nonzero(hit)) != best[ch].size:  # ties (or NaN windows, no hit)
+            _keep_first_hits(hit)
+        routed = xp.multiply(hit, grad_out[ch], dtype=grad_out.dtype)
+        target = _tiles(grad_in[ch], window, (oh, ow)).transpose(2, 4, 0, 1, 3, 5)
+        xp.copyto(target, routed.reshape(qh, qw, *routed.shape[1:]))
+
+    _channel_split(grad_in, route_channels)
+    return grad_in
+
+
+def _keep_first_hits(hit: Array) -> None:
+    """Clear, in place, every hit after the first of its window in a (Q, ...) mask of
+    stacked windows (Q in row-major window order)."""
+    xp = array_module(hit)
+    taken = hit[0]
+    for k in range(1, len(hit)):
+        xp.logical_and(hit[k], xp.logical_not(taken), out=hit[k])
+        if k + 1 < len(hit):
+            taken = taken | hit[k] if k == 1 else xp.logical_or(taken, hit[k], out=taken)
 
 
 def _tiles(x: Array, window: tuple[int, int], out_hw: tuple[int, int] | None = None) -> Array:
@@ -114,33 +150,6 @@ def _tiles(x: Array, window: tuple[int, int], out_hw: tuple[int, int] | None = N
     (qh, qw) = window
     oh, ow = out_hw or (h // qh, w // qw)
     return x[:, : oh * qh, : ow * qw, :].reshape(c, oh, qh, ow, qw, n)
-
-
-def _keep_first_hits(hit: Array, window: tuple[int, int]) -> None:
-    """Clear, in place, every hit after the first of its window (row-major window order);
-    ``hit`` is a (C, OH, QH, OW, QW, N) mask."""
-    taken = hit[:, :, 0, :, 0, :].copy()
-    for i, j in window_offsets(window)[1:]:
-        entry = hit[:, :, i, :, j, :]
-        entry &= ~taken
-        taken |= entry
-
-
-def _spread(per_window: Array) -> Array:
-    """(C, OH, OW, N) -> the view (C, OH, 1, OW, 1, N) that broadcasts against _tiles."""
-    return per_window[:, :, None, :, None, :]
-
-
-def _covers(
-    shape: tuple[int, ...],
-    window: tuple[int, int],
-    stride: tuple[int, int],
-    out_hw: tuple[int, ...],
-) -> bool:
-    """Whether disjoint windows tile the whole input (so every pixel gets written)."""
-    return (
-        stride == window and out_hw[0] * window[0] == shape[1] and out_hw[1] * window[1] == shape[2]
-    )
 
 
 def sum_pool(
