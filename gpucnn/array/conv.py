@@ -6,13 +6,14 @@ into fresh memory it has left the core's 2 MB L2 cache by the time the GEMM read
 Here each block of output rows (about BLOCK_BYTES of columns) is unfolded into one small
 buffer and multiplied at once, while it is still in cache, and nothing is kept: the
 backward pass unfolds the blocks again from the layer's input for the weight gradient.
-On a 2-core Xeon with one BLAS thread, LeNet's two convolutions at batch 33 went from
-340 and 310 us to 155 and 190 us forward, and from 170 and 630 us to 210 and 575 us
-backward (docs/performance.md).
+With one BLAS thread on a 2-core Xeon, LeNet's two convolutions at batch 33 went from
+about 300 us each to 156 and 199 us forward, and conv2's backward from 645 to 590 us
+(docs/performance.md).
 
-Each output is the same dot product as in the one-piece product; the weight gradient
-sums the blocks' products, equal up to float rounding. CuPy unfolds in one kernel and
-keeps the matrix (cuBLAS and the GPU's caches have no such problem).
+Blocks are for one BLAS thread (a batch slice, a worker process). With more threads, on
+CuPy, and for a map whose matrix fits one block, the matrix is unfolded whole and kept
+for the backward pass. Each output is the same dot product either way; the weight
+gradient sums the blocks' products, equal up to float rounding.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def conv_weight_grad(
         flat = grad.reshape(p, -1)
         return matmul_nt(flat, cols), flat.sum(axis=1) if bias else None
     xp = array_module(x, grad_out)
-    _, h, w, n = x.shape
-    depth = x.shape[0] * window[0] * window[1]
+    c, _, w, n = x.shape
+    depth = c * window[0] * window[1]
     ow = output_size(w, window[1], stride[1])
     rows = rows_per_block(oh, depth * ow * n * x.itemsize)
     blocks = _ColumnBlocks(x, window, stride, flip, rows, ones=bias)
