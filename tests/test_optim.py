@@ -101,6 +101,9 @@ def test_adam_on_numpy_updates_all_parameters_as_one_vector_with_the_same_number
     for grads in grad_steps:
         adam.step(params, grads)
     expected, m, v = adam_by_formula(start, grad_steps, 1e-2, 0.9, 0.99, 1e-8)
+    for slot in ("m", "v"):  # the flat update ran: every moment is a piece of one vector
+        first, *others = [buffer.base for buffer in adam.state[slot].values()]
+        assert first is not None and all(base is first for base in others)
     for k in shapes:
         assert params[k].dtype == np.float32
         np.testing.assert_array_equal(params[k], expected[k])

@@ -65,9 +65,9 @@ def conv_forward(
     (kh, kw), (sh, sw) = window, stride
     oh, ow = output_size(h, kh, sh), output_size(w, kw, sw)
     p, depth = kernels.shape
-    row_bytes = depth * ow * n * x.itemsize
-    whole = oh * row_bytes <= BLOCK_BYTES or is_gpu(xp) or blas_threads() > 1
-    rows = oh if whole else rows_per_block(oh, row_bytes)
+    rows = _block_rows(x, window, stride)
+    if rows < oh and (is_gpu(xp) or blas_threads() > 1):
+        rows = oh
     if rows == oh:  # one block (or cuBLAS, or several BLAS threads): unfold all, keep it
         cols = im2col(x, kh, kw, sh, sw, flip=flip).reshape(depth, -1)
         out = kernels @ cols
@@ -101,10 +101,7 @@ def conv_weight_grad(
         flat = grad.reshape(p, -1)
         return matmul_nt(flat, cols), flat.sum(axis=1) if bias else None
     xp = array_module(x, grad_out)
-    c, _, w, n = x.shape
-    depth = c * window[0] * window[1]
-    ow = output_size(w, window[1], stride[1])
-    rows = rows_per_block(oh, depth * ow * n * x.itemsize)
+    rows = _block_rows(x, window, stride)  # as the forward pass cut them
     blocks = _ColumnBlocks(x, window, stride, flip, rows, ones=bias)
     total = None
     for top in range(0, oh, rows):
@@ -114,6 +111,14 @@ def conv_weight_grad(
     if bias:  # the row of ones gave each kernel's sum of its output gradient
         return total[:-1].T, total[-1]
     return total.T, None
+
+
+def _block_rows(x: Array, window: tuple[int, int], stride: tuple[int, int]) -> int:
+    """Output rows per block of the padded image ``x`` (all of them: one block)."""
+    c, h, w, n = x.shape
+    oh, ow = output_size(h, window[0], stride[0]), output_size(w, window[1], stride[1])
+    row_bytes = c * window[0] * window[1] * ow * n * x.itemsize
+    return oh if oh * row_bytes <= BLOCK_BYTES else rows_per_block(oh, row_bytes)
 
 
 class _ColumnBlocks:

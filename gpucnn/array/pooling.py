@@ -10,7 +10,7 @@ from typing import Any
 from gpucnn.array import cuda_kernels
 from gpucnn.array.backend import Array, array_module, is_gpu
 from gpucnn.array.im2col import window_offsets, window_slices
-from gpucnn.array.threads import parallel_for
+from gpucnn.array.threads import parallel_for, parallel_parts
 
 
 def _channel_split(x: Array, body: Callable[[slice], None]) -> None:
@@ -35,15 +35,13 @@ def max_pool(
         return out, (x.shape, arg)
     if tuple(stride) == tuple(window):
         stacked = _stacked_windows(x, window, out_hw)
-        best = xp.empty(stacked.shape[1:], dtype=x.dtype)
-
-        def max_of_channels(ch: slice) -> None:
-            part, top = stacked[:, ch], best[ch]
-            xp.copyto(top, part[0])
-            for k in range(1, len(part)):
-                xp.maximum(top, part[k], out=top)  # NaN wins: a NaN window's max is NaN
-
-        _channel_split(best, max_of_channels)
+        # One reduction over the stacked pixels (a NaN window's max is NaN): the lecture
+        # net's 3x3 pool took 0.9 us so against 3.5 us for one maximum per pixel.
+        if parallel_parts(xp, x.shape[0], x.size) == 1:
+            best = stacked.max(axis=0)
+        else:
+            best = xp.empty(stacked.shape[1:], dtype=x.dtype)
+            _channel_split(best, lambda ch: xp.max(stacked[:, ch], axis=0, out=best[ch]))
         return best, ("stacked", stacked, best, x.shape)
     offsets = window_offsets(window)
     out = xp.empty((x.shape[0], *out_hw, x.shape[3]), dtype=x.dtype)
@@ -97,12 +95,11 @@ def _stacked_windows(x: Array, window: tuple[int, int], out_hw: tuple[int, int])
     xp = array_module(x)
     (qh, qw), (oh, ow) = window, out_hw
     c, _, _, n = x.shape
-    stacked = xp.empty((qh, qw, c, oh, ow, n), dtype=x.dtype)
-
-    def copy_channels(ch: slice) -> None:
-        xp.copyto(stacked[:, :, ch], _tiles(x[ch], window, out_hw).transpose(2, 4, 0, 1, 3, 5))
-
-    _channel_split(x, copy_channels)
+    windows = _tiles(x, window, out_hw).transpose(2, 4, 0, 1, 3, 5)  # (QH, QW, C, OH, OW, N)
+    if parallel_parts(xp, c, x.size) == 1:  # one call: small maps are all call overhead
+        return xp.ascontiguousarray(windows).reshape(qh * qw, c, oh, ow, n)
+    stacked = xp.empty(windows.shape, dtype=x.dtype)
+    _channel_split(x, lambda ch: xp.copyto(stacked[:, :, ch], windows[:, :, ch]))
     return stacked.reshape(qh * qw, c, oh, ow, n)
 
 
@@ -143,12 +140,11 @@ def _keep_first_hits(hit: Array) -> None:
             taken = taken | hit[k] if k == 1 else xp.logical_or(taken, hit[k], out=taken)
 
 
-def _tiles(x: Array, window: tuple[int, int], out_hw: tuple[int, int] | None = None) -> Array:
+def _tiles(x: Array, window: tuple[int, int], out_hw: tuple[int, int]) -> Array:
     """(C, H, W, N) -> the view (C, OH, QH, OW, QW, N) of its stride-Q windows (the rows
     and columns past the last whole window are left out)."""
-    c, h, w, n = x.shape
-    (qh, qw) = window
-    oh, ow = out_hw or (h // qh, w // qw)
+    c, _, _, n = x.shape
+    (qh, qw), (oh, ow) = window, out_hw
     return x[:, : oh * qh, : ow * qw, :].reshape(c, oh, qh, ow, qw, n)
 
 

@@ -4,7 +4,6 @@ answers forward and backward requests for them."""
 
 from __future__ import annotations
 
-import math
 import signal
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -52,9 +51,10 @@ def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
             outputs.resize(outputs_size, grow=False)
             if request == "forward":
                 views = inputs.views(inputs_at)
-                views["net"][...] = copies.forward(key, config, views, grads_at, scale)
+                net, value = copies.forward(key, config, views, grads_at, scale)
+                views["net"][...] = net  # the parent reads it from the shared file
                 ready = copies.gradients_ahead(key) if ahead else False
-                conn.send(("ok", (None, copies.last_loss, ready)))
+                conn.send(("ok", (value, ready)))
             elif request == "backward":
                 copies.backward(key)
                 conn.send(("ok", None))
@@ -83,7 +83,6 @@ class _ModelCopies:
         self.models: OrderedDict[str, Sequential] = OrderedDict()
         self.live_params: dict[str, dict[str, Any]] = {}  # each model's own parameter arrays
         self.state: dict[str, _SliceState] = {}
-        self.last_loss = math.nan  # of the last forward
 
     def forward(
         self,
@@ -92,16 +91,16 @@ class _ModelCopies:
         views: dict[str, Any],
         grads_at: dict[str, Spec],
         scale: float = 1.0,
-    ) -> Any:
-        """The head input of the slice in ``views``, with the parameters the parent sent
-        beside it; its mean loss without the L2 penalty is then ``last_loss``. Its
-        gradients, once written, are those of ``scale`` times that loss."""
+    ) -> tuple[Any, float]:
+        """(head input, mean loss without the L2 penalty) of the slice in ``views``, with
+        the parameters the parent sent beside it; its gradients, once written, are those
+        of ``scale`` times that loss."""
         model = self._model(key, config)
         self.state[key] = _SliceState(grads_at, scale)
         for name, value in self.live_params[key].items():
             value[...] = views[f"param/{name}"]
-        self.last_loss = float(model.loss(views["x"], views["labels"], penalty=False))
-        return model.last_output
+        value = float(model.loss(views["x"], views["labels"], penalty=False))
+        return model.last_output, value
 
     def gradients_ahead(self, key: str) -> bool:
         """Write the last forward's gradients now (a training step); whether that

@@ -423,7 +423,7 @@ def forward_answer(worker: Worker) -> tuple[Any, float, bool]:
     """The answer to the forward request last sent to ``worker``: (head input, mean
     loss, whether the gradients are written). The head input is a view of the shared
     file, valid until the worker's next request."""
-    _, value, ready = worker.receive()
+    value, ready = worker.receive()
     return worker.head_input, value, ready
 
 
