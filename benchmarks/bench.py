@@ -50,6 +50,7 @@ from gpucnn import (  # noqa: E402
     Sequential,
     SoftmaxCrossEntropy,
 )
+from gpucnn.array import host_memory  # noqa: E402
 from gpucnn.array.backend import cupy_status, get_backend  # noqa: E402
 
 
@@ -163,6 +164,8 @@ def gpucnn_engine(net: Net, backend_name: str):
         y = backend.asarray(rng.integers(0, net.classes, net.batch)).astype("int64")
     optimizer = GradientAscent(0.01)
     runner = BatchSplit(model)  # the path fit takes: large batches in slices
+    if backend_name == "numpy":
+        host_memory.keep_heap_for_reuse()  # as fit does
 
     def step():
         runner.loss(x, y)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpucnn.array import threads
+from gpucnn.array import host_memory, threads
 from gpucnn.array.backend import Array, is_gpu, to_host
 from gpucnn.array.inputs import ByteImages
 from gpucnn.interrupts import raise_if_interrupted, stop_requested
@@ -219,6 +219,8 @@ def fit(
     """
     _check_loop_settings(epochs, batch_size, log_every, kernels_every)
     model, runner = _model_and_runner(model, split_batches)
+    if not is_gpu(model.backend.xp):  # each step's arrays come from a heap kept for them
+        host_memory.keep_heap_for_reuse()
     tracker = tracker or Tracker()
     _check_labels_once(model, data)
     train = _TrainingSplit(model, data, seed)

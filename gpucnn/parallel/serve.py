@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from gpucnn.array import host_memory
 from gpucnn.interrupts import STOP_SIGNALS
 from gpucnn.nn.model import Sequential
 from gpucnn.parallel.workers import (
@@ -32,6 +33,7 @@ def serve(fd: int, inputs_fd: int, outputs_fd: int) -> None:
     # saves a checkpoint at the next step, which needs this worker alive until then).
     for number in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(number, signal.SIG_IGN)
+    host_memory.keep_heap_for_reuse()  # slices reuse the same arrays every step
     conn = Connection(fd)
     readable = wait_readable_after_spin(fd)
     inputs, outputs = SharedFile(inputs_fd), SharedFile(outputs_fd)
