@@ -82,10 +82,9 @@ def evaluate(
 
 # The im2col matrices one forward-only pass may take. An evaluation batch of 512 through
 # CIFAR-10's vgg_small unfolds 1.2 GB of them (2.3 MB a sample); through LeNet, 56 MB
-# (109 KB a sample). A BatchSplit takes about half of it in this process. NumPy no longer
-# keeps them (gpucnn.array.conv) but keeps feature maps that grow in step, K*K times
-# smaller: there the cap is generous, and the memory figures in docs/performance.md were
-# measured with it.
+# (109 KB a sample). A BatchSplit takes about half of it in this process. NumPy's batch
+# slices keep a row unfold instead, about KH times smaller (gpucnn.array.conv): there the
+# cap is generous, and the memory figures in docs/performance.md were measured with it.
 EVALUATION_COLUMN_BYTES = 128 << 20
 
 

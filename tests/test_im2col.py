@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -9,7 +10,6 @@ import pytest
 
 from gpucnn.array import conv
 from gpucnn.array.backend import to_host
-from gpucnn.array.conv import rows_per_block
 from gpucnn.array.im2col import (
     SLAB_BUFFER_SIZE,
     col2im,
@@ -80,21 +80,6 @@ def test_im2col_of_a_strided_view(flip, rng):
     np.testing.assert_array_equal(im2col(x, 3, 2, 2, 1, flip=flip), expected)
 
 
-@pytest.mark.parametrize(
-    ("rows", "bytes_per_row", "budget", "expected"),
-    [
-        (24, 79_200, 256 << 10, 3),  # LeNet's first map at batch 33: 8 blocks of 3 rows
-        (8, 211_200, 256 << 10, 1),  # its second: a row is most of the budget
-        (7, 10, 1000, 7),  # all rows fit: one block
-        (7, 10, 60, 1),  # 7 is prime: equal blocks are single rows
-        (12, 10, 95, 6),  # the largest divisor of 12 within 9 rows
-        (5, 10**9, 256, 1),  # a row over budget still makes a block
-    ],
-)
-def test_rows_per_block_divides_the_rows_within_the_budget(rows, bytes_per_row, budget, expected):
-    assert rows_per_block(rows, bytes_per_row, budget) == expected
-
-
 def test_col2im_leaves_numpys_buffer_size_as_it_found_it(rng):
     before = np.getbufsize()
     col = rng.standard_normal((2, 3, 3, 4, 4, 5))
@@ -106,21 +91,81 @@ def test_col2im_leaves_numpys_buffer_size_as_it_found_it(rng):
     assert np.getbufsize() == before
 
 
-def test_convolution_runs_in_blocks_only_with_one_blas_thread(monkeypatch, rng):
-    """LeNet's second map at batch 33 unfolds to 1.7 MB: in blocks, nothing kept, where
-    BLAS runs one thread (a batch slice); whole and kept where it runs several."""
-    x = rng.standard_normal((8, 12, 12, 33)).astype(np.float32)
-    kernels = rng.standard_normal((16, 200)).astype(np.float32)
-    bias = rng.standard_normal(16).astype(np.float32)
-    monkeypatch.setattr(conv, "blas_threads", lambda: 2)
-    whole, kept = conv.conv_forward(x, kernels, bias, (5, 5), (1, 1), True)
-    assert kept is not None and kept.shape == (200, 8 * 8 * 33)
-    monkeypatch.setattr(conv, "blas_threads", lambda: 1)
-    blocked, none_kept = conv.conv_forward(x, kernels, bias, (5, 5), (1, 1), True)
-    assert none_kept is None
-    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-4)
-    grad = rng.standard_normal(whole.shape).astype(np.float32)
-    expected = conv.conv_weight_grad(x, kept, grad, (5, 5), (1, 1), True, True)
-    got = conv.conv_weight_grad(x, None, grad, (5, 5), (1, 1), True, True)
-    for mine, theirs in zip(got, expected, strict=True):
-        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-3)
+def loop_row_unfold(x, kw, sw):
+    c, h, w, n = x.shape
+    ow = (w - kw) // sw + 1
+    unfold = np.zeros((h, c, kw, ow, n))
+    for hi, ci, j, b, ni in itertools.product(*map(range, (h, c, kw, ow, n))):
+        unfold[hi, ci, j, b, ni] = x[ci, hi, b * sw + j, ni]
+    return unfold
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_row_unfold_and_its_fold_match_loops(case, flip, rng):
+    """NumPy's row unfold, U[h, c, j, b, n] = x[c, h, b*SW + j, n], and the fold that
+    gives the input gradient from dL/dU: its exact adjoint."""
+    shape, kh, kw, sh, sw = case
+    x = rng.standard_normal(shape)
+    shapes = conv.conv_geometry(x, np.zeros((2, shape[0] * kh * kw)), (kh, kw), (sh, sw), flip)
+    unfold = conv.row_unfold(x, shapes)
+    np.testing.assert_array_equal(unfold, loop_row_unfold(x, kw, sw))
+    grad = rng.standard_normal(unfold.shape)
+    image = conv._row_fold(grad, shapes)
+    # <U(x), g> == <x, fold(g)>, and fold(g) is zero where no window reads x
+    assert np.vdot(unfold, grad) == pytest.approx(np.vdot(x, image), rel=1e-12)
+    unread_columns = np.ones(shape[2], bool)
+    unread_columns[: (shapes.out_hw[1] - 1) * sw + kw] = False
+    assert not image[:, :, unread_columns].any()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_both_formulations_give_the_same_products(case, flip, monkeypatch, rng):
+    """The row unfold (NumPy) and im2col (CuPy's formulation, run on NumPy here) give
+    the same output and gradients, and the row fold the same input gradient as col2im."""
+    shape, kh, kw, sh, sw = case
+    x = rng.standard_normal(shape)
+    kernels = rng.standard_normal((3, shape[0] * kh * kw))
+    bias = rng.standard_normal(3)
+    shapes = conv.conv_geometry(x, kernels, (kh, kw), (sh, sw), flip)
+    grad = rng.standard_normal((3, *shapes.out_hw, shape[3]))
+    monkeypatch.setattr(conv, "ROW_FOLD_MIN_KERNEL_HEIGHT", 1)
+    shapes = dataclasses.replace(shapes, row_unfold=True)
+    out, unfold = conv.conv_forward(x, kernels, bias, shapes)
+    assert unfold.shape == (shape[1], shape[0], kw, shapes.out_hw[1], shape[3])
+    rows = (out, *conv.conv_weight_grad(unfold, grad, shapes, True))
+    rows += (conv.conv_input_grad(kernels, grad, shapes),)
+    shapes = dataclasses.replace(shapes, row_unfold=False)
+    out, cols = conv.conv_forward(x, kernels, bias, shapes)
+    assert cols.shape == (shapes.depth, np.prod(shapes.out_hw) * shape[3])
+    columns = (out, *conv.conv_weight_grad(cols, grad, shapes, True))
+    columns += (conv.conv_input_grad(kernels, grad, shapes),)
+    for mine, theirs in zip(rows, columns, strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_rows_round_trip(rng):
+    kernels = rng.standard_normal((4, 3 * 2 * 5))
+    for flip in (False, True):
+        shapes = conv.ConvGeometry(3, 6, 7, 2, 4, (2, 5), (1, 1), flip)
+        rows = conv.row_kernels(kernels, shapes)
+        k = kernels.reshape(4, 3, 2, 5)
+        expected = k[:, :, ::-1, ::-1] if flip else k
+        np.testing.assert_array_equal(rows.reshape(4, 2, 3, 5), expected.transpose(0, 2, 1, 3))
+        np.testing.assert_array_equal(conv._stored_kernels(rows, shapes), kernels)
+
+
+@pytest.mark.parametrize(
+    ("blas", "shape", "expected"),
+    [
+        (1, (8, 12, 12, 33), True),  # LeNet's second map in a batch slice: 1.7 MB
+        (2, (8, 12, 12, 33), False),  # the same with two BLAS threads
+        (1, (1, 8, 8, 1), False),  # the lecture's net: 144 bytes of im2col
+    ],
+)
+def test_where_the_row_unfold_is_used(blas, shape, expected, monkeypatch):
+    monkeypatch.setattr(conv, "blas_threads", lambda: blas)
+    x = np.zeros(shape, np.float32)
+    kernels = np.zeros((16, shape[0] * 25), np.float32)
+    assert conv.conv_geometry(x, kernels, (5, 5), (1, 1), True).row_unfold is expected

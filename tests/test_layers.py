@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gpucnn.array import conv as conv_module
-from gpucnn.array.backend import to_host
+from gpucnn.array.backend import is_gpu, to_host
 from gpucnn.nn.layers import (
     Conv2D,
     Dense,
@@ -97,18 +97,24 @@ CONV_CASES = [
 ]
 
 
-@pytest.fixture(params=["one block", "a block per row"])
-def conv_blocks(request, monkeypatch):
-    """With one BLAS thread, NumPy runs a convolution in blocks of output rows sized to
-    the cache; these maps fit one block, so the second case forces one row per block."""
-    if request.param == "a block per row":
-        monkeypatch.setattr(conv_module, "BLOCK_BYTES", 1)
-        monkeypatch.setattr(conv_module, "blas_threads", lambda: 1)
+@pytest.fixture(params=["row unfold", "row unfold, col2im", "im2col"])
+def conv_path(request, monkeypatch):
+    """Each way the array layer computes a convolution, forced for these small maps: the
+    row unfold with its row fold for the input gradient (whatever the kernel's height),
+    the row unfold with col2im, and im2col (CuPy's way, and NumPy's for small maps or
+    several BLAS threads)."""
+    monkeypatch.setattr(conv_module, "row_unfold_pays", lambda xp, column_bytes: False)
+    if request.param != "im2col":
+        if is_gpu(request.getfixturevalue("backend").xp):
+            pytest.skip("the row unfold is NumPy's")
+        monkeypatch.setattr(conv_module, "row_unfold_pays", lambda xp, column_bytes: True)
+        fold_from = 1 if request.param == "row unfold" else 10**6
+        monkeypatch.setattr(conv_module, "ROW_FOLD_MIN_KERNEL_HEIGHT", fold_from)
     return request.param
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
-def test_conv_matches_loop_reference(case, backend, rng, conv_blocks):
+def test_conv_matches_loop_reference(case, backend, rng, conv_path):
     in_shape, p, kernel, stride, padding, mode, bias = case
     conv = built(Conv2D(p, kernel, stride, padding, mode, bias), in_shape, backend)
     if bias:
@@ -123,7 +129,7 @@ def test_conv_matches_loop_reference(case, backend, rng, conv_blocks):
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
-def test_conv_gradients(case, backend, rng, conv_blocks):
+def test_conv_gradients(case, backend, rng, conv_path):
     in_shape, p, kernel, stride, padding, mode, bias = case
     conv = built(Conv2D(p, kernel, stride, padding, mode, bias), in_shape, backend)
     check_layer_gradients(conv, rng.standard_normal((2, *in_shape)), backend, rng)

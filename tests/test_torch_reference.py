@@ -24,6 +24,7 @@ from gpucnn import (  # noqa: E402
     SoftmaxCrossEntropy,
     Tanh,
 )
+from gpucnn.array import conv as conv_module  # noqa: E402
 from gpucnn.array.backend import to_host  # noqa: E402
 from gpucnn.array.threads import settings  # noqa: E402
 
@@ -111,12 +112,44 @@ NETS = {
         SoftmaxCrossEntropy,
         (2, 10, 9),
     ),
+    # LeNet at full size in slices, as fit trains it: each slice (here and in a worker
+    # process) runs its convolutions over the row unfold, with the row fold for the 5x5
+    # kernels' input gradient.
+    "lenet_in_slices": (
+        lambda: [
+            Conv2D(8, 5),
+            ReLU(),
+            MaxPool2D(2),
+            Conv2D(16, 5),
+            ReLU(),
+            MaxPool2D(2),
+            Flatten("C"),
+            Dense(10),
+        ],
+        SoftmaxCrossEntropy,
+        (1, 28, 28),
+    ),
 }
-BATCH = {"overlap_max_uneven_pad_split": 2 * settings().min_thread_slice + 3}
+BATCH = {
+    "overlap_max_uneven_pad_split": 2 * settings().min_thread_slice + 3,
+    "lenet_in_slices": 2 * max(settings().min_thread_slice, settings().min_process_slice) + 2,
+}
+
+
+@pytest.fixture(params=["as chosen", "row unfold", "im2col"])
+def conv_path(request, monkeypatch):
+    """The convolutions' formulation in this process: as the array layer chooses it,
+    or forced (the row unfold is NumPy's)."""
+    if request.param != "as chosen":
+        rows = request.param == "row unfold"
+        if rows and request.getfixturevalue("backend").name != "numpy":
+            pytest.skip("the row unfold is NumPy's")
+        monkeypatch.setattr(conv_module, "row_unfold_pays", lambda xp, column_bytes: rows)
+    return request.param
 
 
 @pytest.mark.parametrize("name", list(NETS))
-def test_values_and_gradients_match_pytorch(name, backend, rng):
+def test_values_and_gradients_match_pytorch(name, backend, rng, conv_path):
     layers, head, shape = NETS[name]
     model = Sequential(layers(), head(), shape, backend=backend, dtype="float64", seed=4, l2=0.05)
     n = BATCH.get(name, 5)
@@ -127,6 +160,10 @@ def test_values_and_gradients_match_pytorch(name, backend, rng):
         labels = rng.integers(0, model.output_shape[0], n)
     runner = BatchSplit(model)  # as fit computes it: a large batch in slices
     loss = float(to_host(runner.loss(x, labels)))
+    if name == "lenet_in_slices" and conv_path == "as chosen" and backend.name == "numpy":
+        assert len(runner.slices) > 1
+        first_conv = runner._replicas[0].layers[0]
+        assert first_conv._cache[0].row_unfold, "this slice's convolutions took im2col"
     grads = {k: to_host(v) for k, v in runner.backward().items()}
 
     params = {k: torch.tensor(to_host(v), requires_grad=True) for k, v in model.params.items()}

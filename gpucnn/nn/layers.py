@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 from gpucnn.array.backend import Array, Backend, Random, array_module
-from gpucnn.array.conv import conv_forward, conv_input_grad, conv_weight_grad
+from gpucnn.array.conv import conv_forward, conv_geometry, conv_input_grad, conv_weight_grad
 from gpucnn.array.im2col import (
     internal_to_nchw,
     nchw_to_internal,
@@ -269,41 +269,27 @@ class Conv2D(Layer):
         return (p, output_size(hp, kh, self.stride[0]), output_size(wp, kw, self.stride[1]))
 
     def _forward(self, x: Array) -> Array:
-        # True convolution flips the kernel; im2col reads the windows flipped instead, so
-        # the weights are used as stored (no flipped copy of K, in forward or backward).
+        # True convolution flips the kernel: the array layer reads the windows or the
+        # kernels flipped, so the weights are used as stored.
         x_padded = pad_internal(x, self.pads)
         kmat = self.params["weight"].reshape(self.out_channels, -1)  # (P, C*KH*KW), a view
-        out, cols = conv_forward(
-            x_padded,
-            kmat,
-            self.params["bias"] if self.bias else None,
-            self.kernel_size,
-            self.stride,
-            flip=self.mode == "convolution",
+        shape = conv_geometry(
+            x_padded, kmat, self.kernel_size, self.stride, self.mode == "convolution"
         )
-        self._cache = (x_padded, cols)
+        out, saved = conv_forward(x_padded, kmat, self.params["bias"] if self.bias else None, shape)
+        self._cache = (shape, saved)
         return out
 
     def _backward(self, grad_out: Array, need_input_grad: bool = True) -> Array | None:
-        x_padded, cols = self._cache
+        shape, saved = self._cache
         weight = self.params["weight"]
-        flip = self.mode == "convolution"
-        grad_weight, grad_bias = conv_weight_grad(
-            x_padded, cols, grad_out, self.kernel_size, self.stride, flip, self.bias
-        )
+        grad_weight, grad_bias = conv_weight_grad(saved, grad_out, shape, self.bias)
         self.grads["weight"] = grad_weight.reshape(weight.shape)
         if self.bias:
             self.grads["bias"] = grad_bias
         if not need_input_grad:
             return None
-        grad_padded = conv_input_grad(
-            weight.reshape(self.out_channels, -1),
-            grad_out,
-            x_padded.shape[1:3],
-            self.kernel_size,
-            self.stride,
-            flip,
-        )
+        grad_padded = conv_input_grad(weight.reshape(self.out_channels, -1), grad_out, shape)
         return unpad_internal(grad_padded, self.pads)
 
     def columns_per_sample(self) -> int:
