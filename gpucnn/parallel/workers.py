@@ -377,8 +377,10 @@ def send_forward(
     :func:`forward_answer` then gives (head input, mean loss, whether the gradients are
     written). The gradients, when asked for, are those of ``scale`` times that loss
     (the slice's share of a batch). ``with_gradients``, the worker writes them before it
-    answers (read them with :func:`gradients`). ``model`` needs ``params``,
-    ``config()``, ``output_shape`` and ``dtype``."""
+    answers (read them with :func:`gradients`). ``x`` and ``labels`` are taken as
+    checked (as ``prepare_input`` and ``prepare_labels`` give them): the worker does not
+    check them again. ``model`` needs ``params``, ``config()``, ``output_shape`` and
+    ``dtype``."""
     worker.drain()  # the worker reads the inputs file until it answers: let it finish
     key = slot_key(owner)
     params = model.params
