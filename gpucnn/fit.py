@@ -82,9 +82,10 @@ def evaluate(
 
 # The im2col matrices one forward-only pass may take. An evaluation batch of 512 through
 # CIFAR-10's vgg_small unfolds 1.2 GB of them (2.3 MB a sample); through LeNet, 56 MB
-# (109 KB a sample). A BatchSplit takes about half of it in this process. NumPy's batch
-# slices keep a row unfold instead, about KH times smaller (gpucnn.array.conv): there the
-# cap is generous, and the memory figures in docs/performance.md were measured with it.
+# (109 KB a sample). A BatchSplit takes about half of it in this process. Where BLAS runs
+# one thread (on 2-3 cores, each batch slice) NumPy keeps a row unfold instead, about KH
+# times smaller (gpucnn.array.conv): there the cap is generous, and the memory figures in
+# docs/performance.md were measured with it.
 EVALUATION_COLUMN_BYTES = 128 << 20
 
 

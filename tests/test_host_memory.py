@@ -3,7 +3,6 @@ fresh process and in a worker process, and the settings that leave malloc alone.
 
 from __future__ import annotations
 
-import platform
 import subprocess
 import sys
 import textwrap
@@ -29,11 +28,11 @@ from gpucnn.parallel import workers
 from gpucnn.parallel.split import BatchSplit
 
 ROOT = Path(__file__).resolve().parents[1]
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = host_memory.libc_is_glibc()
 needs_glibc = pytest.mark.skipif(not GLIBC, reason="the heap tuning is for glibc's malloc")
 
-# LeNet at batch 132 (a 264 batch's slice): without the tuning glibc hands 1.4-2.6 MB of
-# its heap back to the kernel and faults it in again every step (350-1030 faults).
+# LeNet at batch 132 (a 264 batch's slice): without the tuning glibc hands 1.4-4 MB of its
+# heap back to the kernel and faults it in again every step (350-1030 faults).
 LOOP = textwrap.dedent(
     """
     import resource, sys
@@ -106,6 +105,8 @@ def test_worker_processes_keep_their_heap_too():
 
 
 def test_fit_on_numpy_sets_the_heap_up():
+    """fit asks for the tuning (this tunes the test process too, as it would any app);
+    it is set wherever nothing says otherwise."""
     host_memory.keep_heap_for_reuse.cache_clear()
     data = load_dataset("digits", seed=0)
     model = Sequential(
@@ -113,6 +114,7 @@ def test_fit_on_numpy_sets_the_heap_up():
     )
     fit(model, GradientAscent(0.01), data, epochs=1, batch_size=64, progress=False)
     assert host_memory.keep_heap_for_reuse.cache_info().currsize == 1
+    assert host_memory.keep_heap_for_reuse() is (host_memory.why_not_tuned() is None)
 
 
 @pytest.mark.parametrize(
@@ -120,7 +122,8 @@ def test_fit_on_numpy_sets_the_heap_up():
     [
         ({"GPUCNN_HEAP_TUNING": "0"}, "GPUCNN_HEAP_TUNING=0"),
         ({"MALLOC_TRIM_THRESHOLD_": "1000"}, "set by the user (MALLOC_TRIM_THRESHOLD_)"),
-        ({"MALLOC_TOP_PAD_": "1", "MALLOC_MMAP_MAX_": "0"}, "MALLOC_TOP_PAD_, MALLOC_MMAP_MAX_"),
+        ({"MALLOC_TOP_PAD_": "1", "MALLOC_MMAP_MAX_": "0"}, "MALLOC_MMAP_MAX_, MALLOC_TOP_PAD_"),
+        ({"MALLOC_ARENA_MAX": "2"}, "set by the user (MALLOC_ARENA_MAX)"),
         ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=9"}, "(GLIBC_TUNABLES)"),
     ],
 )
@@ -132,3 +135,8 @@ def test_malloc_set_by_the_user_is_left_alone(environ, reason):
 def test_glibc_with_nothing_set_gets_the_tuning():
     assert host_memory.why_not_tuned({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX"}) is None
     assert host_memory.why_not_tuned({"GPUCNN_HEAP_TUNING": "1"}) is None
+
+
+def test_a_c_library_other_than_glibc_is_left_alone(monkeypatch):
+    monkeypatch.setattr(host_memory, "libc_is_glibc", lambda: False)
+    assert host_memory.why_not_tuned({}) == "the C library is not glibc"

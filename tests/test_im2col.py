@@ -119,18 +119,24 @@ def test_row_unfold_and_its_fold_match_loops(case, flip, rng):
     assert not image[:, :, unread_columns].any()
 
 
+@pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_both_formulations_give_the_same_products(case, flip, monkeypatch, rng):
+def test_both_formulations_give_the_same_products(case, flip, strided, monkeypatch, rng):
     """The row unfold (NumPy) and im2col (CuPy's formulation, run on NumPy here) give
-    the same output and gradients, and the row fold the same input gradient as col2im."""
+    the same output and gradients, and the row fold the same input gradient as col2im;
+    also for an input and a gradient that are strided views (not contiguous)."""
     shape, kh, kw, sh, sw = case
     x = rng.standard_normal(shape)
     kernels = rng.standard_normal((3, shape[0] * kh * kw))
     bias = rng.standard_normal(3)
     shapes = conv.conv_geometry(x, kernels, (kh, kw), (sh, sw), flip)
     grad = rng.standard_normal((3, *shapes.out_hw, shape[3]))
-    monkeypatch.setattr(conv, "ROW_FOLD_MIN_KERNEL_HEIGHT", 1)
+    if strided:  # the same numbers, read through reversed and transposed strides
+        x = np.ascontiguousarray(x[:, ::-1])[:, ::-1]
+        grad = np.asfortranarray(grad)
+        assert not x.flags.c_contiguous and not grad.flags.c_contiguous
+    monkeypatch.setattr(conv, "row_fold_pays", lambda g: g.stride[0] == 1)
     shapes = dataclasses.replace(shapes, row_unfold=True)
     out, unfold = conv.conv_forward(x, kernels, bias, shapes)
     assert unfold.shape == (shape[1], shape[0], kw, shapes.out_hw[1], shape[3])
@@ -161,7 +167,7 @@ def test_kernel_rows_round_trip(rng):
     [
         (1, (8, 12, 12, 33), True),  # LeNet's second map in a batch slice: 1.7 MB
         (2, (8, 12, 12, 33), False),  # the same with two BLAS threads
-        (1, (1, 8, 8, 1), False),  # the lecture's net: 144 bytes of im2col
+        (1, (1, 8, 8, 1), False),  # a lecture-sized map: 1600 bytes of im2col
     ],
 )
 def test_where_the_row_unfold_is_used(blas, shape, expected, monkeypatch):
@@ -169,3 +175,24 @@ def test_where_the_row_unfold_is_used(blas, shape, expected, monkeypatch):
     x = np.zeros(shape, np.float32)
     kernels = np.zeros((16, shape[0] * 25), np.float32)
     assert conv.conv_geometry(x, kernels, (5, 5), (1, 1), True).row_unfold is expected
+
+
+@pytest.mark.parametrize(
+    ("layer", "expected"),
+    [
+        # (C, H (padded), P, kernel, stride): the measured layers of docs/performance.md
+        ((8, 12, 16, 5, 1), True),  # LeNet's conv2: 10 extra multiply-adds per addition
+        ((32, 34, 32, 3, 1), True),  # the CIFAR net's 32x32 maps: 3
+        ((64, 18, 64, 3, 1), True),  # its 16x16 maps: 12, a tie
+        ((64, 10, 128, 3, 1), False),  # its 8x8 maps: 48
+        ((32, 10, 64, 3, 1), False),  # the digits net: 24
+        ((3, 34, 32, 3, 1), False),  # 3 channels: 9 rows for the GEMM
+        ((8, 12, 16, 5, 2), False),  # stride 2 down the map
+        ((8, 12, 16, 1, 1), False),  # 1x1 kernels: nothing to fold
+    ],
+)
+def test_where_the_row_fold_is_used(layer, expected):
+    c, h, p, k, s = layer
+    shapes = conv.ConvGeometry(c, h, h, 32, p, (k, k), (s, 1), True, row_unfold=True)
+    assert conv.row_fold_pays(shapes) is expected
+    assert not conv.row_fold_pays(dataclasses.replace(shapes, row_unfold=False))

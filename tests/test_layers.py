@@ -100,7 +100,7 @@ CONV_CASES = [
 @pytest.fixture(params=["row unfold", "row unfold, col2im", "im2col"])
 def conv_path(request, monkeypatch):
     """Each way the array layer computes a convolution, forced for these small maps: the
-    row unfold with its row fold for the input gradient (whatever the kernel's height),
+    row unfold with its row fold for the input gradient (wherever the stride allows it),
     the row unfold with col2im, and im2col (CuPy's way, and NumPy's for small maps or
     several BLAS threads)."""
     monkeypatch.setattr(conv_module, "row_unfold_pays", lambda xp, column_bytes: False)
@@ -108,8 +108,8 @@ def conv_path(request, monkeypatch):
         if is_gpu(request.getfixturevalue("backend").xp):
             pytest.skip("the row unfold is NumPy's")
         monkeypatch.setattr(conv_module, "row_unfold_pays", lambda xp, column_bytes: True)
-        fold_from = 1 if request.param == "row unfold" else 10**6
-        monkeypatch.setattr(conv_module, "ROW_FOLD_MIN_KERNEL_HEIGHT", fold_from)
+        folds = request.param == "row unfold"  # wherever it can: stride 1 down the map
+        monkeypatch.setattr(conv_module, "row_fold_pays", lambda g: folds and g.stride[0] == 1)
     return request.param
 
 

@@ -273,23 +273,24 @@ class Conv2D(Layer):
         # kernels flipped, so the weights are used as stored.
         x_padded = pad_internal(x, self.pads)
         kmat = self.params["weight"].reshape(self.out_channels, -1)  # (P, C*KH*KW), a view
-        shape = conv_geometry(
+        geometry = conv_geometry(
             x_padded, kmat, self.kernel_size, self.stride, self.mode == "convolution"
         )
-        out, saved = conv_forward(x_padded, kmat, self.params["bias"] if self.bias else None, shape)
-        self._cache = (shape, saved)
+        bias = self.params["bias"] if self.bias else None
+        out, saved = conv_forward(x_padded, kmat, bias, geometry)
+        self._cache = (geometry, saved)
         return out
 
     def _backward(self, grad_out: Array, need_input_grad: bool = True) -> Array | None:
-        shape, saved = self._cache
+        geometry, saved = self._cache
         weight = self.params["weight"]
-        grad_weight, grad_bias = conv_weight_grad(saved, grad_out, shape, self.bias)
+        grad_weight, grad_bias = conv_weight_grad(saved, grad_out, geometry, self.bias)
         self.grads["weight"] = grad_weight.reshape(weight.shape)
         if self.bias:
             self.grads["bias"] = grad_bias
         if not need_input_grad:
             return None
-        grad_padded = conv_input_grad(weight.reshape(self.out_channels, -1), grad_out, shape)
+        grad_padded = conv_input_grad(weight.reshape(self.out_channels, -1), grad_out, geometry)
         return unpad_internal(grad_padded, self.pads)
 
     def columns_per_sample(self) -> int:
