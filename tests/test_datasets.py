@@ -314,6 +314,12 @@ def test_byte_images_are_scaled_per_channel_as_the_dataset_says(backend):
     out = to_host(inputs(backend.asarray(x)))
     expected = (x.astype(np.float64) - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
+    # in float32, bit for bit the textbook's cast, subtraction and division
+    single = to_host(ByteImages(backend.xp, "float32", mean, std)(backend.asarray(x)))
+    mean32 = np.array(mean, np.float32)[:, None, None]
+    std32 = np.array(std, np.float32)[:, None, None]
+    assert single.dtype == np.float32
+    np.testing.assert_array_equal(single, (x.astype(np.float32) - mean32) / std32)
 
 
 def test_crop_and_flip_moves_whole_images_and_is_the_same_for_a_step(backend):

@@ -95,7 +95,7 @@ class ByteImages:
         it as configured, None (evaluation) never does."""
         if step is not None and (self.crop_padding or self.flip):
             x = crop_and_flip(x, self.crop_padding, self.flip, self.seed, step)
-        out = x.astype(self.dtype)
-        out -= self.mean
+        # The cast happens inside the subtraction (one pass less, the same numbers).
+        out = self.xp.subtract(x, self.mean, dtype=self.dtype)
         out /= self.std
         return out
