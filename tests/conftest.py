@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpucnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from gpucnn.array.backend import cupy_status, get_backend
 
 
@@ -44,3 +45,18 @@ def tie_free(shape, rng, low=-1.0, high=1.0):
     values = np.linspace(low, high, size)
     values += rng.uniform(-0.1, 0.1, size) * (high - low) / size
     return rng.permutation(values).reshape(shape)
+
+
+def lenet_layers() -> list:
+    """LeNet as conf/model/lenet.yaml builds it, for 28x28 inputs: two 5x5 convolutions
+    (8 and 16 kernels), each with a ReLU and a 2x2 max pool, and a dense layer of 10."""
+    return [
+        Conv2D(8, 5),
+        ReLU(),
+        MaxPool2D(2),
+        Conv2D(16, 5),
+        ReLU(),
+        MaxPool2D(2),
+        Flatten("C"),
+        Dense(10),
+    ]

@@ -13,6 +13,7 @@ from gpucnn.array.backend import cupy_status, get_backend, to_host
 from gpucnn.nn.layers import L2Pool2D, Tanh
 from gpucnn.nn.losses import LogisticLogLikelihood
 from gpucnn.nn.optim import GradientAscent, Momentum
+from tests.conftest import lenet_layers
 
 cupy, reason = cupy_status()
 pytestmark = pytest.mark.skipif(cupy is None, reason=f"needs a CUDA device: {reason}")
@@ -20,16 +21,7 @@ pytestmark = pytest.mark.skipif(cupy is None, reason=f"needs a CUDA device: {rea
 
 def lenet(backend, seed=0):
     return Sequential(
-        [
-            Conv2D(8, 5),
-            ReLU(),
-            MaxPool2D(2),
-            Conv2D(16, 5),
-            ReLU(),
-            MaxPool2D(2),
-            Flatten("C"),
-            Dense(10),
-        ],
+        lenet_layers(),
         SoftmaxCrossEntropy(),
         (1, 28, 28),
         backend=backend,

@@ -16,7 +16,6 @@ from gpucnn import (
     Dense,
     Flatten,
     GradientAscent,
-    MaxPool2D,
     ReLU,
     Sequential,
     SoftmaxCrossEntropy,
@@ -26,6 +25,7 @@ from gpucnn.data import load_dataset
 from gpucnn.fit import fit
 from gpucnn.parallel import workers
 from gpucnn.parallel.split import BatchSplit
+from tests.conftest import lenet_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 GLIBC = host_memory.libc_is_glibc()
@@ -59,10 +59,6 @@ LOOP = textwrap.dedent(
 )
 
 
-def lenet() -> list:
-    return [Conv2D(8, 5), ReLU(), MaxPool2D(2), Conv2D(16, 5), ReLU(), MaxPool2D(2)]
-
-
 @needs_glibc
 def test_a_training_loop_stops_faulting_its_heap_in_again():
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "GPUCNN_THREADS": "1"}
@@ -79,9 +75,7 @@ def test_a_training_loop_stops_faulting_its_heap_in_again():
 def test_worker_processes_keep_their_heap_too():
     if not workers.usable():
         pytest.skip("worker processes are off here")
-    model = Sequential(
-        [*lenet(), Flatten("C"), Dense(10)], SoftmaxCrossEntropy(), (1, 28, 28), dtype="float32"
-    )
+    model = Sequential(lenet_layers(), SoftmaxCrossEntropy(), (1, 28, 28), dtype="float32")
     step = BatchSplit(model)
     x = np.random.default_rng(0).standard_normal((264, 1, 28, 28)).astype(np.float32)
     y = np.arange(264) % 10

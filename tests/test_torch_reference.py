@@ -30,6 +30,7 @@ from gpucnn import (  # noqa: E402
 from gpucnn.array import conv as conv_module  # noqa: E402
 from gpucnn.array import threads  # noqa: E402
 from gpucnn.array.backend import to_host  # noqa: E402
+from tests.conftest import lenet_layers  # noqa: E402
 
 
 def torch_forward(model, x, params, outputs=None):
@@ -119,16 +120,7 @@ NETS = {
     # cores: each slice (here and in a worker process) runs its convolutions over the row
     # unfold, with the row fold for conv2's input gradient.
     "lenet_in_slices": (
-        lambda: [
-            Conv2D(8, 5),
-            ReLU(),
-            MaxPool2D(2),
-            Conv2D(16, 5),
-            ReLU(),
-            MaxPool2D(2),
-            Flatten("C"),
-            Dense(10),
-        ],
+        lenet_layers,
         SoftmaxCrossEntropy,
         (1, 28, 28),
     ),
