@@ -34,10 +34,13 @@ def max_pool(
         out, arg = cuda_kernels.max_pool(x, window, stride, out_hw)
         return out, (x.shape, arg)
     if tuple(stride) == tuple(window):
-        stacked = _stacked_windows(x, window, out_hw)
+        # Small maps (and every batch slice) stay on one thread: whole-array calls, as
+        # each call's overhead is most of their cost.
+        inline = parallel_parts(xp, x.shape[0], x.size) == 1
+        stacked = _stacked_windows(x, window, out_hw, inline)
         # One reduction over the stacked pixels (a NaN window's max is NaN): the lecture
         # net's 3x3 pool took 0.9 us so against 3.5 us for one maximum per pixel.
-        if parallel_parts(xp, x.shape[0], x.size) == 1:
+        if inline:
             best = stacked.max(axis=0)
         else:
             best = xp.empty(stacked.shape[1:], dtype=x.dtype)
@@ -86,17 +89,20 @@ def max_pool_backward(
     return grad_in
 
 
-def _stacked_windows(x: Array, window: tuple[int, int], out_hw: tuple[int, int]) -> Array:
+def _stacked_windows(
+    x: Array, window: tuple[int, int], out_hw: tuple[int, int], inline: bool
+) -> Array:
     """(C, H, W, N) -> (QH*QW, C, OH, OW, N), a contiguous copy: entry k holds pixel k
     (row-major) of every stride-Q window; pixels past the last whole window are left
     out. NumPy runs a ufunc on a strided window view through an 8192-element buffer,
     and ties in real images cost the backward pass several such passes; on this copy,
-    made by one strided copy (no buffer), they run on contiguous arrays."""
+    made by one strided copy (no buffer), they run on contiguous arrays. ``inline``: in
+    one call, else a copy per helper thread's channels."""
     xp = array_module(x)
     (qh, qw), (oh, ow) = window, out_hw
     c, _, _, n = x.shape
     windows = _tiles(x, window, out_hw).transpose(2, 4, 0, 1, 3, 5)  # (QH, QW, C, OH, OW, N)
-    if parallel_parts(xp, c, x.size) == 1:  # one call: small maps are all call overhead
+    if inline:
         return xp.ascontiguousarray(windows).reshape(qh * qw, c, oh, ow, n)
     stacked = xp.empty(windows.shape, dtype=x.dtype)
     _channel_split(x, lambda ch: xp.copyto(stacked[:, :, ch], windows[:, :, ch]))

@@ -181,9 +181,7 @@ def blas_threads() -> int:
 def blas_threads_per_slice(slices: int) -> int:
     """BLAS threads for each of ``slices`` that run at once: the cores split evenly,
     never more than BLAS is set to use now."""
-    blas = blas_controller()
-    budget = min((lib.num_threads for lib in blas.lib_controllers), default=1) if blas else 1
-    return max(1, min(settings().cpus // slices, budget))
+    return max(1, min(settings().cpus // slices, blas_threads()))
 
 
 @contextlib.contextmanager

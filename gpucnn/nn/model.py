@@ -140,10 +140,11 @@ class Sequential:
 
     def column_bytes_per_sample(self) -> int:
         """Bytes per sample of the im2col matrices of a forward pass (each convolution's
-        C*KH*KW x OH*OW numbers per sample; 0 without convolutions). CuPy keeps them for
-        the backward pass, the bulk of a pass's memory. NumPy unfolds in cache-sized
-        blocks and keeps none (:mod:`gpucnn.array.conv`): there the figure bounds the
-        feature maps a pass keeps, which are K*K times smaller."""
+        C*KH*KW x OH*OW numbers per sample; 0 without convolutions). CuPy, and NumPy with
+        several BLAS threads, keep them for the backward pass, the bulk of a pass's
+        memory. Where NumPy's BLAS runs one thread, a convolution keeps its row unfold
+        instead, about KH times smaller (:mod:`gpucnn.array.conv`): there the figure is
+        an upper bound."""
         itemsize = self.backend.xp.dtype(self.dtype).itemsize
         return itemsize * sum(layer.columns_per_sample() for layer in self.layers)
 
